@@ -1,0 +1,26 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both create .venv and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+export PYTHONWARNINGS ?= ignore::DeprecationWarning:tensorflow_datasets
+
+.PHONY: demo test install clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e ".[test,torch,tpu]" 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import vlm_jax, jax, flax, torch, transformers, libtpu" && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vlm-jax demo --workdir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,444 @@
+"""Typed, frozen configs and `load(config, overrides)`.
+
+A config file is a Python module with `get_config() -> Config` (big_vision style). Overrides use dotted
+paths; stages are addressed by name: `train.stages.align.steps=100`. Unknown keys and wrong types are
+errors that name the key, the expected type and the closest valid keys. Nothing mutates a config after
+load: overrides build new frozen dataclasses with `dataclasses.replace`.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A config or an override is invalid; the message says where and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """ViT encoder. kind: 'siglip' (no CLS, post-LN, tanh GELU), 'clip' (CLS, pre-LN, quick GELU) or
+  'none' (Fuyu-style: patches go through one linear patch embedding straight to the projector)."""
+  kind: str = "siglip"
+  image_size: int = 48
+  patch_size: int = 8
+  num_channels: int = 3
+  width: int = 128
+  depth: int = 3
+  num_heads: int = 4
+  mlp_dim: int = 512
+  layer_norm_eps: float = 1e-6
+  act: str = "gelu_tanh"  # gelu_tanh | quick_gelu | gelu
+  # Index into hidden_states (0 = embeddings after pre-LN, i = output of block i, -1 = last block),
+  # as in LLaVA's `vision_feature_layer`.
+  feature_layer: int = -1
+  select_strategy: str = "full"  # full | default (drop CLS), LLaVA's vision_feature_select_strategy
+  post_layernorm: bool = False  # apply post_layernorm to the selected features (Idefics3 does)
+  image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_positions(self) -> int:
+    return self.num_patches + (1 if self.kind == "clip" else 0)
+
+  @property
+  def tokens_per_image(self) -> int:
+    """Vision tokens handed to the projector per tile."""
+    if self.kind == "clip" and self.select_strategy == "full":
+      return self.num_patches + 1
+    return self.num_patches
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+  """kind: 'mlp' (linear -> act -> linear, LLaVA-1.5) or 'pixel_shuffle' (space-to-depth by
+  scale_factor, then a bias-free linear; nanoVLM/Idefics3)."""
+  kind: str = "mlp"
+  act: str = "gelu"
+  scale_factor: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Llama-family decoder: RMSNorm (fp32), half-split RoPE, GQA, SwiGLU."""
+  vocab_size: int = 512
+  width: int = 192
+  num_layers: int = 3
+  num_heads: int = 6
+  num_kv_heads: int = 2
+  head_dim: int = 0  # 0 means width // num_heads
+  mlp_dim: int = 512
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+  """Text tower and temperature for CLIP/SigLIP-style pretraining of the ViT (stage loss 'contrastive')."""
+  enabled: bool = False
+  loss: str = "clip"  # clip (symmetric InfoNCE) | siglip (pairwise sigmoid)
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 512
+  embed_dim: int = 128  # shared image/text embedding size
+  max_text_len: int = 32
+  init_temperature: float = 10.0  # logit scale starts at log(init_temperature)
+  init_bias: float = -10.0  # SigLIP only
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  projector: ProjectorConfig = ProjectorConfig()
+  decoder: DecoderConfig = DecoderConfig()
+  contrastive: ContrastiveConfig = ContrastiveConfig()
+  image_token_id: int = 4  # id of `<image>`; image features replace these embeddings in order
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  scan_layers: bool = True
+  remat: str = "none"  # none | full | dots (save matmul outputs)
+
+  @property
+  def image_tokens_per_tile(self) -> int:
+    """`<image>` tokens per tile in the prompt = projector outputs per tile."""
+    n = self.vision.tokens_per_image
+    if self.projector.kind == "pixel_shuffle":
+      n //= self.projector.scale_factor ** 2
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh. ICI axes within a slice, DCN axes across slices; -1 fills with remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: str = "sentencepiece"  # sentencepiece | hf (tokenizer.json)
+  path: str = ""  # empty: the model trained at prepare time and stored with the dataset
+  vocab_size: int = 512  # for a tokenizer trained at prepare time
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  data_dir: str = "~/tensorflow_datasets"
+  tokenizer: TokenizerConfig = TokenizerConfig()
+  seq_len: int = 256
+  max_tiles: int = 2  # tile slots per batch row; unused slots are masked
+  image_splitting: bool = False  # Idefics3 tiling (pixel-shuffle models) vs one tile per image
+  max_image_size: int = 0  # longest edge cap when splitting (0: 4 * image_size)
+  resample: str = "bicubic"  # bicubic | bilinear | nearest
+  packing: bool = False
+  padding_side: str = "right"  # right | left
+  shuffle_seed: int = 0
+  num_workers: int = 0  # grain worker processes (0: in the main process)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """One training stage. `trainable` regexes match '/'-joined param paths; the rest is frozen."""
+  name: str = "train"
+  steps: int = 100
+  batch_size: int = 32  # global batch, across all hosts
+  trainable: tuple[str, ...] = (".*",)
+  loss: str = "lm"  # lm (token cross-entropy) | contrastive
+  task: str = "conversation"  # conversation | caption | text | image_text
+  datasets: tuple[tuple[str, float], ...] = (("shapes_vqa", 1.0),)  # (name, weight) mixture
+  split: str = "train"
+  lr: float = 1e-3
+  warmup_steps: int = 10
+  end_lr_fraction: float = 0.1  # cosine decays to lr * end_lr_fraction
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  lr_multipliers: tuple[tuple[str, float], ...] = ()  # (regex, multiplier), first match wins
+  init_from: str = ""  # "": previous stage's final params; or a workdir[/stage] path
+  checkpoint_every: int = 100
+  max_to_keep: int = 2
+  log_every: int = 10
+  eval_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  stages: tuple[StageConfig, ...] = (StageConfig(),)
+
+  def stage(self, name: str) -> StageConfig:
+    for s in self.stages:
+      if s.name == name:
+        return s
+    raise ConfigError(_unknown(name, [s.name for s in self.stages], "stage"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "default"
+  seed: int = 0
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+
+_CHOICES = {
+    "model.vision.kind": ("siglip", "clip", "none"),
+    "model.vision.act": ("gelu_tanh", "quick_gelu", "gelu"),
+    "model.vision.select_strategy": ("full", "default"),
+    "model.projector.kind": ("mlp", "pixel_shuffle"),
+    "model.projector.act": ("gelu", "gelu_tanh", "quick_gelu", "relu"),
+    "model.contrastive.loss": ("clip", "siglip"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.tokenizer.kind": ("sentencepiece", "hf"),
+    "data.resample": ("bicubic", "bilinear", "nearest"),
+    "data.padding_side": ("right", "left"),
+}
+_STAGE_CHOICES = {"loss": ("lm", "contrastive"), "task": ("conversation", "caption", "text", "image_text")}
+
+
+def _unknown(key: str, valid: list[str], what: str = "key") -> str:
+  close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  listing = f" Valid: {', '.join(valid)}." if len(valid) <= 25 else " (`vlm-jax config show C` lists all keys.)"
+  return f"Unknown {what} {key!r}.{hint}{listing}"
+
+
+def validate(cfg: Config) -> Config:
+  """Checks choices and cross-field constraints; returns cfg unchanged or raises ConfigError."""
+  for path, choices in _CHOICES.items():
+    value = _get(cfg, path.split("."))
+    if value not in choices:
+      raise ConfigError(f"{path}={value!r} is not one of {choices}.")
+  names = [s.name for s in cfg.train.stages]
+  if len(set(names)) != len(names):
+    raise ConfigError(f"train.stages has duplicate names: {names}.")
+  for s in cfg.train.stages:
+    for field, choices in _STAGE_CHOICES.items():
+      if getattr(s, field) not in choices:
+        raise ConfigError(f"train.stages.{s.name}.{field}={getattr(s, field)!r} is not one of {choices}.")
+    if s.steps < 0 or s.batch_size <= 0 or s.grad_accum <= 0 or s.batch_size % s.grad_accum:
+      raise ConfigError(f"train.stages.{s.name}: need steps >= 0 and batch_size > 0 divisible by "
+                        f"grad_accum (got steps={s.steps}, batch_size={s.batch_size}, "
+                        f"grad_accum={s.grad_accum}).")
+    if s.loss == "contrastive" and not cfg.model.contrastive.enabled:
+      raise ConfigError(f"train.stages.{s.name}.loss='contrastive' needs model.contrastive.enabled=True.")
+  v, d = cfg.model.vision, cfg.model.decoder
+  if v.image_size % v.patch_size:
+    raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}.")
+  if v.kind != "none" and v.width % v.num_heads:
+    raise ConfigError(f"model.vision.width={v.width} is not divisible by num_heads={v.num_heads}.")
+  if d.num_heads % d.num_kv_heads:
+    raise ConfigError(f"model.decoder.num_heads={d.num_heads} is not a multiple of num_kv_heads={d.num_kv_heads}.")
+  if not d.head_dim and d.width % d.num_heads:
+    raise ConfigError(f"model.decoder.width={d.width} is not divisible by num_heads={d.num_heads}; set head_dim.")
+  if cfg.model.projector.kind == "pixel_shuffle":
+    side = v.image_size // v.patch_size
+    if v.select_strategy == "full" and v.kind == "clip":
+      raise ConfigError("pixel_shuffle needs a square patch grid: use select_strategy='default' with CLIP.")
+    if side % cfg.model.projector.scale_factor:
+      raise ConfigError(f"pixel_shuffle scale_factor={cfg.model.projector.scale_factor} does not divide the "
+                        f"{side}x{side} patch grid.")
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _get(obj: Any, parts: list[str]) -> Any:
+  for p in parts:
+    obj = _child(obj, p, parts)
+  return obj
+
+
+def _child(obj: Any, part: str, parts: list[str]) -> Any:
+  if isinstance(obj, tuple) and obj and all(isinstance(s, StageConfig) for s in obj):
+    for s in obj:
+      if s.name == part:
+        return s
+    raise ConfigError(_unknown(part, [s.name for s in obj], "stage"))
+  if not dataclasses.is_dataclass(obj):
+    raise ConfigError(f"{'.'.join(parts)}: {part!r} is below a leaf value.")
+  names = [f.name for f in dataclasses.fields(obj)]
+  if part not in names:
+    raise ConfigError(_unknown(part, names, f"key in {'.'.join(parts)}:"))
+  return getattr(obj, part)
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+  out = []
+  if isinstance(obj, tuple) and obj and all(isinstance(s, StageConfig) for s in obj):
+    for s in obj:
+      out += _all_keys(s, f"{prefix}{s.name}.")
+    return out
+  for f in dataclasses.fields(obj):
+    v = getattr(obj, f.name)
+    if dataclasses.is_dataclass(v) or (isinstance(v, tuple) and v and isinstance(v[0], StageConfig)):
+      out += _all_keys(v, f"{prefix}{f.name}.")
+    else:
+      out.append(prefix + f.name)
+  return out
+
+
+def _coerce(key: str, text: str, typ: Any) -> Any:
+  """Parses an override string into `typ` (int, float, bool, str, tuple[...])."""
+  def fail(why=""):
+    raise ConfigError(f"{key}={text!r}: expected {_type_name(typ)}.{' ' + why if why else ''}")
+  if typ is str:
+    return text
+  if typ is bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    fail("Use true or false.")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    fail()
+  if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if typ is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if typing.get_origin(typ) is tuple:
+    if isinstance(value, list):
+      value = tuple(value)
+    if isinstance(value, tuple) and _matches(value, typ):
+      return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+  fail()
+
+
+def _matches(value: Any, typ: Any) -> bool:
+  origin = typing.get_origin(typ)
+  if origin is tuple:
+    args = typing.get_args(typ)
+    if not isinstance(value, (tuple, list)):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_matches(v, args[0]) for v in value)
+    return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+  if typ is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, typ)
+
+
+def _type_name(typ: Any) -> str:
+  return getattr(typ, "__name__", None) if typing.get_origin(typ) is None else str(typ).replace("typing.", "")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _replace(obj: Any, parts: list[str], text: str, full: str, root: Config) -> Any:
+  head, rest = parts[0], parts[1:]
+  if isinstance(obj, tuple):  # stages, addressed by name
+    for i, s in enumerate(obj):
+      if s.name == head:
+        if not rest:
+          raise ConfigError(f"{full}: name a field of stage {head!r}, e.g. {full}.steps=100.")
+        return obj[:i] + (_replace(s, rest, text, full, root),) + obj[i + 1:]
+    raise ConfigError(_unknown(head, [s.name for s in obj], f"stage in {full}:"))
+  names = [f.name for f in dataclasses.fields(obj)]
+  if head not in names:
+    raise ConfigError(_unknown(full, _all_keys(root), "config key"))
+  current = getattr(obj, head)
+  if rest:
+    if not (dataclasses.is_dataclass(current) or isinstance(current, tuple) and current
+            and isinstance(current[0], StageConfig)):
+      raise ConfigError(f"{full}: {head!r} is a {type(current).__name__} value, it has no sub-keys.")
+    return dataclasses.replace(obj, **{head: _replace(current, rest, text, full, root)})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"{full}: is a group; set one of its keys, e.g. {full}.{dataclasses.fields(current)[0].name}=...")
+  typ = _field_types(type(obj))[head]
+  return dataclasses.replace(obj, **{head: _coerce(full, text, typ)})
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+  """Applies `key=value` overrides (dotted keys, stages by name) and validates the result."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"Override {item!r} must look like key=value, e.g. train.stages.align.steps=100.")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    cfg = _replace(cfg, key.split("."), text.strip(), key, cfg)
+  return validate(cfg)
+
+
+def load(config: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+  """Loads `configs/NAME.py` (or a path to a .py file), calls its get_config(), applies overrides."""
+  path = pathlib.Path(config)
+  if path.suffix != ".py":
+    path = CONFIGS_DIR / f"{config}.py"
+  if not path.exists():
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    raise ConfigError(_unknown(config, known, "config") + f" (looked for {path})")
+  spec = importlib.util.spec_from_file_location(f"vlm_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config() function.")
+  cfg = module.get_config()
+  if not isinstance(cfg, Config):
+    raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected vlm_jax.config.Config.")
+  return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg: Any) -> Any:
+  """JSON-friendly nested dict (stages stay a list)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, tuple):
+    return [to_dict(v) for v in cfg]
+  return cfg
+
+
+def from_dict(cls: type, d: dict) -> Any:
+  """Inverse of to_dict for a config dataclass (used to read a workdir's saved config.json)."""
+  hints = _field_types(cls)
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in d:
+      continue
+    kwargs[f.name] = _from_value(hints[f.name], d[f.name])
+  return cls(**kwargs)
+
+
+def _from_value(typ: Any, v: Any) -> Any:
+  if dataclasses.is_dataclass(typ):
+    return from_dict(typ, v)
+  if typing.get_origin(typ) is tuple:
+    args = typing.get_args(typ)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_from_value(args[0], x) for x in v)
+    return tuple(_from_value(a, x) for a, x in zip(args, v))
+  if typ is float:
+    return float(v)
+  return v

@@ -1,0 +1,109 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Every param and activation is annotated with logical names (Flax `nn.with_logical_partitioning`,
+`nn.with_logical_constraint`); `LOGICAL_AXIS_RULES` turns them into PartitionSpecs over the mesh axes
+`data`, `fsdp`, `tensor`. Change sharding here, nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlm_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None = replicated). Parameters shard their `embed`-like axis
+# over fsdp (ZeRO-3) and their heads/mlp/vocab axis over tensor (Megatron). Activations use `act_*`
+# names so that the batch goes over (data, fsdp) while the embed axis of activations stays whole.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("table_vocab", None),  # embedding tables: vocab-sharded gathers rematerialize, shard embed only
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("positions", None),
+    ("patch", None),
+    ("channels", None),
+    ("proj_in", "fsdp"),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_tiles", None),
+)
+
+
+def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+  """Resolves -1 in the ICI axes. Returns (ici_sizes, dcn_sizes) in MESH_AXES order."""
+  dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
+  if any(d < 1 for d in dcn):
+    raise ConfigError(f"mesh.dcn_* must be >= 1, got {dcn}.")
+  per_slice = num_devices // math.prod(dcn)
+  if per_slice * math.prod(dcn) != num_devices:
+    raise ConfigError(f"{num_devices} devices do not split into DCN axes {dcn}.")
+  ici = [cfg.data, cfg.fsdp, cfg.tensor]
+  fill = [i for i, n in enumerate(ici) if n == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {tuple(ici)}.")
+  known = math.prod(n for n in ici if n != -1)
+  if fill:
+    if per_slice % known:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, ici))}: {per_slice} devices per slice are not "
+                        f"divisible by {known}.")
+    ici[fill[0]] = per_slice // known
+  if math.prod(ici) != per_slice:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, ici))} needs {math.prod(ici)} devices per slice, "
+                      f"have {per_slice} ({num_devices} devices, dcn {dcn}). Use -1 on one axis to fill.")
+  return tuple(ici), dcn
+
+
+def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware when possible."""
+  devices = list(jax.devices() if devices is None else devices)
+  ici, dcn = axis_sizes(cfg, len(devices))
+  if math.prod(dcn) > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.array(devices).reshape(ici)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # linen logical constraints need Auto axes
+  return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(logical_axes: tuple[str | None, ...]) -> P:
+  """PartitionSpec for one tuple of logical axis names."""
+  return nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
+
+
+def logical_shardings(logical_tree: Any, mesh: Mesh) -> Any:
+  """Maps a pytree of logical PartitionSpecs (from `nn.get_partition_spec`) to NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch arrays: leading axis over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
