@@ -1,0 +1,35 @@
+"""LLaVA-1.5-7B shapes: CLIP ViT-L/14-336 (penultimate layer, CLS dropped) + 2-layer GELU MLP + Llama-2-7B.
+
+Sized for a v5p-8 / v4-32 with FSDP. Stages follow LLaVA-1.5: align on LLaVA-Pretrain-558K (projector only,
+lr 1e-3, batch 256), then instruct on LLaVA-Instruct-665K (projector + LLM, lr 2e-5, batch 128).
+"""
+from vlm_jax.config import (Config, DataConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
+                            StageConfig, TokenizerConfig, TrainConfig, VisionConfig)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def get_config() -> Config:
+  model = ModelConfig(
+      vision=VisionConfig(kind="clip", image_size=336, patch_size=14, width=1024, depth=24, num_heads=16,
+                          mlp_dim=4096, layer_norm_eps=1e-5, act="quick_gelu", feature_layer=-2,
+                          select_strategy="default", post_layernorm=False, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+      projector=ProjectorConfig(kind="mlp", act="gelu"),
+      decoder=DecoderConfig(vocab_size=32064, width=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                            mlp_dim=11008, rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False,
+                            max_seq_len=4096),
+      image_token_id=32000, dtype="bfloat16", scan_layers=True, remat="full")
+  data = DataConfig(data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
+                    tokenizer=TokenizerConfig(kind="hf", path="gs://YOUR_BUCKET/llava15/tokenizer"),
+                    seq_len=2048, max_tiles=1, image_splitting=False, packing=True)
+  stages = (
+      StageConfig(name="align", steps=2180, batch_size=256, trainable=("projector/.*",), task="caption",
+                  datasets=(("llava_pretrain", 1.0),), lr=1e-3, warmup_steps=65, weight_decay=0.0,
+                  checkpoint_every=500),
+      StageConfig(name="instruct", steps=5200, batch_size=128, trainable=("projector/.*", "decoder/.*"),
+                  task="conversation", datasets=(("llava_instruct", 1.0),), lr=2e-5, warmup_steps=156,
+                  weight_decay=0.0, checkpoint_every=500),
+  )
+  return Config(name="llava15_7b", model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1), data=data,
+                train=TrainConfig(stages=stages))

@@ -1,0 +1,36 @@
+"""The CPU default: a ~2M-param VLM trained from scratch on the synthetic shapes_vqa dataset.
+
+Offline there is no pretrained encoder or LLM, so the recipe first makes its own (contrastive ViT pretraining,
+causal-LM text pretraining), then runs the LLaVA recipe unchanged: align (projector only), instruct
+(projector + decoder, ViT frozen).
+"""
+from vlm_jax.config import (Config, ContrastiveConfig, DataConfig, DecoderConfig, MeshConfig, ModelConfig,
+                            ProjectorConfig, StageConfig, TokenizerConfig, TrainConfig, VisionConfig)
+
+
+def get_config() -> Config:
+  model = ModelConfig(
+      vision=VisionConfig(kind="siglip", image_size=48, patch_size=8, width=128, depth=3, num_heads=4,
+                          mlp_dim=512, layer_norm_eps=1e-6, act="gelu_tanh", feature_layer=-1,
+                          select_strategy="full", post_layernorm=False),
+      projector=ProjectorConfig(kind="mlp", act="gelu"),
+      decoder=DecoderConfig(vocab_size=512, width=192, num_layers=3, num_heads=6, num_kv_heads=2, mlp_dim=512,
+                            rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=256),
+      contrastive=ContrastiveConfig(enabled=True, loss="clip", width=128, depth=2, num_heads=4, mlp_dim=512,
+                                    embed_dim=128, max_text_len=32),
+      image_token_id=4, dtype="float32", scan_layers=True, remat="none")
+  data = DataConfig(data_dir="runs/tensorflow_datasets", tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=512),
+                    seq_len=192, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
+  common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
+  stages = (
+      StageConfig(name="vision_pretrain", steps=300, batch_size=64, trainable=("vision/.*", "contrastive/.*"),
+                  loss="contrastive", task="image_text", lr=2e-3, **common),
+      StageConfig(name="text_pretrain", steps=200, batch_size=32, trainable=("decoder/.*",), task="text",
+                  lr=2e-3, **common),
+      StageConfig(name="align", steps=150, batch_size=32, trainable=("projector/.*",), task="caption",
+                  lr=2e-3, **common),
+      StageConfig(name="instruct", steps=600, batch_size=32, trainable=("projector/.*", "decoder/.*"),
+                  task="conversation", lr=1e-3, **common),
+  )
+  return Config(name="shapes_tiny", seed=0, model=model, mesh=MeshConfig(data=-1), data=data,
+                train=TrainConfig(stages=stages))

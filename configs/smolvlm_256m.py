@@ -1,0 +1,30 @@
+"""SmolVLM-256M shapes: SigLIP-B/16-512 + pixel shuffle 4 + SmolLM2-135M (the nanoVLM / Idefics3 design).
+
+Real users start from pretrained backbones (see README: `init_from` an imported HF checkpoint) and run
+align then instruct. Sized for a TPU v5e-8.
+"""
+from vlm_jax.config import (Config, DataConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
+                            StageConfig, TokenizerConfig, TrainConfig, VisionConfig)
+
+
+def get_config() -> Config:
+  model = ModelConfig(
+      vision=VisionConfig(kind="siglip", image_size=512, patch_size=16, width=768, depth=12, num_heads=12,
+                          mlp_dim=3072, layer_norm_eps=1e-6, act="gelu_tanh", feature_layer=-1,
+                          select_strategy="full", post_layernorm=True),
+      projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=4),
+      decoder=DecoderConfig(vocab_size=49280, width=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536,
+                            rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192),
+      image_token_id=49190, dtype="bfloat16", scan_layers=True, remat="full")
+  data = DataConfig(data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
+                    tokenizer=TokenizerConfig(kind="hf", path="gs://YOUR_BUCKET/smolvlm/tokenizer"),
+                    seq_len=2048, max_tiles=17, image_splitting=True, max_image_size=2048, packing=True)
+  stages = (
+      StageConfig(name="align", steps=2000, batch_size=256, trainable=("projector/.*",), task="caption",
+                  datasets=(("llava_pretrain", 1.0),), lr=1e-3, warmup_steps=100, checkpoint_every=500),
+      StageConfig(name="instruct", steps=5000, batch_size=128, trainable=("projector/.*", "decoder/.*"),
+                  task="conversation", datasets=(("llava_instruct", 1.0),), lr=2e-5, warmup_steps=150,
+                  lr_multipliers=(("projector/.*", 10.0),), weight_decay=0.0, checkpoint_every=500),
+  )
+  return Config(name="smolvlm_256m", model=model, mesh=MeshConfig(data=-1, fsdp=1, tensor=1), data=data,
+                train=TrainConfig(stages=stages))

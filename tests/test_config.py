@@ -1,0 +1,81 @@
+"""Configs: overrides, their errors, validation, JSON round trip, the shipped config files."""
+import dataclasses
+
+import pytest
+
+from vlm_jax import config
+
+
+def _cfg():
+  return config.load("shapes_tiny")
+
+
+def test_override_nested_and_stage_by_name():
+  cfg = config.load("shapes_tiny", ["train.stages.align.steps=7", "model.decoder.num_layers=2",
+                                    "train.stages.instruct.trainable=('projector/.*',)", "model.dtype=bfloat16",
+                                    "data.packing=true", "train.stages.align.lr=3e-4"])
+  assert cfg.train.stage("align").steps == 7
+  assert cfg.model.decoder.num_layers == 2
+  assert cfg.train.stage("instruct").trainable == ("projector/.*",)
+  assert cfg.model.dtype == "bfloat16" and cfg.data.packing is True
+  assert cfg.train.stage("align").lr == 3e-4 and isinstance(cfg.train.stage("align").lr, float)
+  # the other stages are untouched, and the original config object is not mutated
+  assert cfg.train.stage("text_pretrain").steps == _cfg().train.stage("text_pretrain").steps
+  assert _cfg().train.stage("align").steps != 7
+
+
+def test_unknown_key_names_close_matches():
+  with pytest.raises(config.ConfigError) as e:
+    config.load("shapes_tiny", ["model.decoder.num_layer=2"])
+  assert "Unknown config key 'model.decoder.num_layer'" in str(e.value)
+  assert "'model.decoder.num_layers'" in str(e.value)
+
+
+def test_unknown_stage_names_close_matches():
+  with pytest.raises(config.ConfigError) as e:
+    config.load("shapes_tiny", ["train.stages.algn.steps=1"])
+  assert "'algn'" in str(e.value) and "Did you mean 'align'" in str(e.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.decoder.num_layers=abc", "model.decoder.num_layers='abc': expected int."),
+    ("model.decoder.num_layers=2.5", "model.decoder.num_layers='2.5': expected int."),
+    ("data.packing=maybe", "data.packing='maybe': expected bool. Use true or false."),
+    ("train.stages.align.trainable=3", "train.stages.align.trainable='3': expected tuple[str, ...]."),
+    ("model.dtype=float16", "model.dtype='float16' is not one of ('float32', 'bfloat16')."),
+    ("model.decoder=3", "model.decoder: is a group; set one of its keys, e.g. model.decoder.vocab_size=..."),
+    ("steps", "Override 'steps' must look like key=value, e.g. train.stages.align.steps=100."),
+])
+def test_bad_values_say_what_and_where(override, expected):
+  with pytest.raises(config.ConfigError) as e:
+    config.load("shapes_tiny", [override])
+  assert str(e.value) == expected
+
+
+def test_cross_field_validation():
+  with pytest.raises(config.ConfigError, match="not a multiple of num_kv_heads"):
+    config.load("shapes_tiny", ["model.decoder.num_kv_heads=4"])
+  with pytest.raises(config.ConfigError, match="divisible by grad_accum"):
+    config.load("shapes_tiny", ["train.stages.align.grad_accum=3"])
+
+
+def test_unknown_config_name():
+  with pytest.raises(config.ConfigError, match="Did you mean 'shapes_tiny'"):
+    config.load("shapes_tiny2")
+
+
+def test_configs_are_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    _cfg().model.decoder.width = 3
+
+
+@pytest.mark.parametrize("name", ["shapes_tiny", "smolvlm_256m", "llava15_7b"])
+def test_dict_round_trip(name):
+  cfg = config.load(name)
+  assert config.from_dict(config.Config, config.to_dict(cfg)) == cfg
+
+
+def test_image_tokens_per_tile():
+  assert config.load("shapes_tiny").model.image_tokens_per_tile == 36   # (48/8)^2
+  assert config.load("smolvlm_256m").model.image_tokens_per_tile == 64  # (512/16)^2 / 4^2
+  assert config.load("llava15_7b").model.image_tokens_per_tile == 576   # (336/14)^2, CLS dropped
