@@ -150,8 +150,8 @@ class DataConfig:
   seq_len: int = 256
   max_tiles: int = 2  # tile slots per batch row; unused slots are masked
   image_splitting: bool = False  # Idefics3 tiling (pixel-shuffle models) vs one tile per image
-  max_image_size: int = 0  # longest edge cap when splitting (0: 4 * image_size)
-  resample: str = "bicubic"  # bicubic | bilinear | nearest
+  max_image_size: int = 0  # splitting: longest edge is resized (up or down) to this, HF size.longest_edge (0: 4 * image_size)
+  resample: str = "bicubic"  # bicubic | bilinear | nearest | lanczos (Idefics3)
   packing: bool = False
   padding_side: str = "right"  # right | left
   shuffle_seed: int = 0
@@ -216,7 +216,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "data.tokenizer.kind": ("sentencepiece", "hf"),
-    "data.resample": ("bicubic", "bilinear", "nearest"),
+    "data.resample": ("bicubic", "bilinear", "nearest", "lanczos"),
     "data.padding_side": ("right", "left"),
 }
 _STAGE_CHOICES = {"loss": ("lm", "contrastive"), "task": ("conversation", "caption", "text", "image_text")}
