@@ -1,0 +1,1 @@
+"""Everything the model is fed: tokens, pixels, chat rendering, packing. Knows nothing of the model."""

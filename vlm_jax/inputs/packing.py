@@ -1,0 +1,117 @@
+"""Examples -> fixed-shape rows of the batch contract (DESIGN.md "The batch"), and rows -> a batch.
+
+A row holds input_ids, labels, segment_ids, positions [S] and pixel_values [N, H, W, 3], tile_mask [N]
+(S = data.seq_len, N = data.max_tiles). One example per row (`pad_example`, right or left padded; left for
+generation) or several (`Packer`, greedy, right padded): segment k of a row is its k-th example (1-based),
+positions restart at 0 in each segment, and the tiles of all segments sit in order in the first slots.
+Padding: pad_id tokens, IGNORE_ID labels, segment 0, position 0, zero pixels, tile_mask False.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vlm_jax.inputs.chat import IGNORE_ID
+
+
+def _check_fits(example: dict, seq_len: int, max_tiles: int) -> None:
+  n, t = len(example["input_ids"]), len(example["tiles"])
+  if n > seq_len or t > max_tiles:
+    raise ValueError(f"An example of {n} tokens and {t} tiles does not fit a row of {seq_len} tokens and "
+                     f"{max_tiles} tiles; the Preprocessor should have cut or dropped it.")
+
+
+def make_row(examples: list[dict], seq_len: int, max_tiles: int, pad_id: int,
+             padding_side: str = "right") -> dict:
+  """Examples (each input_ids/labels int32 [n_i], tiles float32 [t_i, H, W, 3]) -> one row.
+
+  Returns input_ids, labels, segment_ids, positions: int32 [seq_len]; pixel_values float32
+  [max_tiles, H, W, 3]; tile_mask bool [max_tiles].
+  """
+  if not examples:
+    raise ValueError("A row needs at least one example.")
+  if padding_side not in ("right", "left"):
+    raise ValueError(f"padding_side={padding_side!r} is not 'right' or 'left'.")
+  input_ids = np.concatenate([e["input_ids"] for e in examples]).astype(np.int32)
+  labels = np.concatenate([e["labels"] for e in examples]).astype(np.int32)
+  segment_ids = np.concatenate([np.full(len(e["input_ids"]), k, np.int32) for k, e in enumerate(examples, 1)])
+  positions = np.concatenate([np.arange(len(e["input_ids"]), dtype=np.int32) for e in examples])
+  tiles = np.concatenate([e["tiles"] for e in examples]).astype(np.float32)
+  n, t = len(input_ids), len(tiles)
+  if n > seq_len or t > max_tiles:
+    raise ValueError(f"{len(examples)} example(s) of {n} tokens and {t} tiles overflow a row of {seq_len} "
+                     f"tokens and {max_tiles} tiles.")
+  pad = seq_len - n
+  where = (pad, 0) if padding_side == "left" else (0, pad)
+  pixel_values = np.zeros((max_tiles,) + tiles.shape[1:], np.float32)
+  pixel_values[:t] = tiles
+  return {
+      "input_ids": np.pad(input_ids, where, constant_values=pad_id),
+      "labels": np.pad(labels, where, constant_values=IGNORE_ID),
+      "segment_ids": np.pad(segment_ids, where),
+      "positions": np.pad(positions, where),
+      "pixel_values": pixel_values,
+      "tile_mask": np.arange(max_tiles) < t,
+  }
+
+
+def pad_example(example: dict, seq_len: int, max_tiles: int, pad_id: int, padding_side: str = "right") -> dict:
+  """One example alone in a row (segment 1), padded on `padding_side`; see make_row for shapes."""
+  _check_fits(example, seq_len, max_tiles)
+  return make_row([example], seq_len, max_tiles, pad_id, padding_side)
+
+
+class Packer:
+  """Greedy packing in arrival order: an example joins the open row if its tokens and tiles still fit,
+  otherwise the open row is closed and returned, and the example opens the next one."""
+
+  def __init__(self, seq_len: int, max_tiles: int, pad_id: int):
+    self.seq_len, self.max_tiles, self.pad_id = seq_len, max_tiles, pad_id
+    self.pending: list[dict] = []  # examples of the open row
+    self._tokens = self._tiles = 0
+
+  def add(self, example: dict) -> dict | None:
+    """Adds an example; returns the row it closed, if any."""
+    _check_fits(example, self.seq_len, self.max_tiles)
+    n, t = len(example["input_ids"]), len(example["tiles"])
+    row = None
+    if self._tokens + n > self.seq_len or self._tiles + t > self.max_tiles:
+      row = self.flush()
+    self.pending.append(example)
+    self._tokens += n
+    self._tiles += t
+    return row
+
+  def flush(self) -> dict | None:
+    """Closes and returns the open row (None if empty)."""
+    if not self.pending:
+      return None
+    row = make_row(self.pending, self.seq_len, self.max_tiles, self.pad_id)
+    self.pending, self._tokens, self._tiles = [], 0, 0
+    return row
+
+
+def pack(examples, seq_len: int, max_tiles: int, pad_id: int) -> list[dict]:
+  """All examples packed greedily into rows (the last one flushed)."""
+  packer = Packer(seq_len, max_tiles, pad_id)
+  rows = [r for r in (packer.add(e) for e in examples) if r is not None]
+  last = packer.flush()
+  return rows + ([last] if last is not None else [])
+
+
+def pad_image_text(example: dict, max_text_len: int, pad_id: int) -> dict:
+  """{"pixel_values" [1, H, W, 3], "text_ids" [m]} -> pixel_values float32 [1, H, W, 3], text_ids int32 [L],
+  text_mask bool [L] (L = max_text_len), padded on the right."""
+  ids = np.asarray(example["text_ids"], np.int32)
+  if len(ids) > max_text_len:
+    raise ValueError(f"text_ids of length {len(ids)} exceed max_text_len={max_text_len}.")
+  pad = max_text_len - len(ids)
+  return {"pixel_values": np.asarray(example["pixel_values"], np.float32),
+          "text_ids": np.pad(ids, (0, pad), constant_values=pad_id),
+          "text_mask": np.arange(max_text_len) < len(ids)}
+
+
+def collate(rows: list[dict]) -> dict:
+  """Rows with equal keys and shapes -> a batch dict of numpy arrays with a leading [B] axis."""
+  if not rows:
+    raise ValueError("collate needs at least one row.")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -1,0 +1,209 @@
+"""One `Tokenizer` over a sentencepiece model (`tokenizer.model`) or an HF `tokenizer.json`.
+
+Our own tokenizers are sentencepiece models trained in-process by `train_sentencepiece`: identity
+normalization, no dummy prefix, no whitespace folding and byte fallback, so `decode(encode(t)) == t` holds
+for chat text with newlines. Ids: pad=0, unk=1, bos=2, eos=3, then `SPECIAL_TOKENS` in order (`<image>`=4).
+Imported HF tokenizers keep their own ids; `add_special_tokens` appends the ones they lack.
+
+A saved tokenizer is a directory with `tokenizer.model` or `tokenizer.json`, plus `special_tokens.json`
+naming the pad/unk/bos/eos tokens.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+IMAGE_TOKEN = "<image>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"  # Idefics3 marks the start/end of an image's tiles with it
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+
+
+def row_col_token(row: int, col: int) -> str:
+  """Idefics3's tile tag, 1-based: `<row_1_col_2>`."""
+  return f"<row_{row}_col_{col}>"
+
+
+MAX_GRID = 6  # Idefics3 defines row/col tags up to 6 x 6
+SPECIAL_TOKENS = [IMAGE_TOKEN, IM_START, IM_END, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN] + [
+    row_col_token(i, j) for i in range(1, MAX_GRID + 1) for j in range(1, MAX_GRID + 1)]
+
+# Role -> token of our sentencepiece models (ids 0..3).
+SENTENCEPIECE_ROLES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+
+
+def train_sentencepiece(texts, vocab_size: int, path: str | pathlib.Path | None = None) -> "Tokenizer":
+  """Trains a unigram sentencepiece model on an iterable of strings; writes it to `path` if given.
+
+  The vocabulary may come out smaller than `vocab_size` on a small corpus (hard_vocab_limit=False);
+  read `tokenizer.vocab_size`.
+  """
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+      # Chat text must survive: keep newlines, runs of spaces and the exact characters.
+      normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+      byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, allow_whitespace_only_pieces=True,
+      user_defined_symbols=SPECIAL_TOKENS, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+      pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+      num_threads=1, minloglevel=2)
+  tok = Tokenizer(sentencepiece_proto=model.getvalue())
+  if path is not None:
+    pathlib.Path(path).write_bytes(model.getvalue())
+  return tok
+
+
+class Tokenizer:
+  """Text <-> ids. Special tokens in text (`<image>`, `<|im_end|>`, ...) always encode to one id each."""
+
+  def __init__(self, *, sentencepiece_proto: bytes | None = None, hf_json: str | None = None,
+               roles: dict[str, str | None] | None = None):
+    if (sentencepiece_proto is None) == (hf_json is None):
+      raise ValueError("Give exactly one of sentencepiece_proto or hf_json.")
+    if sentencepiece_proto is not None:
+      import sentencepiece as spm
+      self.kind = "sentencepiece"
+      self._sp = spm.SentencePieceProcessor(model_proto=sentencepiece_proto)
+      self._hf = None
+      self.roles = dict(SENTENCEPIECE_ROLES)
+    else:
+      import tokenizers
+      self.kind = "hf"
+      self._sp = None
+      self._hf = tokenizers.Tokenizer.from_str(hf_json)
+      self.roles = {"pad": None, "unk": None, "bos": None, "eos": None}
+    self.roles.update(roles or {})
+
+  # ----- construction and storage
+
+  @classmethod
+  def load(cls, path: str | pathlib.Path) -> "Tokenizer":
+    """Loads a directory (tokenizer.model or tokenizer.json [+ special_tokens.json / HF tokenizer_config.json])
+    or a single `.model` / `.json` file."""
+    path = pathlib.Path(path).expanduser()
+    directory = path if path.is_dir() else path.parent
+    if path.is_dir():
+      candidates = [directory / "tokenizer.model", directory / "tokenizer.json"]
+      found = [p for p in candidates if p.exists()]
+      if not found:
+        raise FileNotFoundError(f"{path} holds neither tokenizer.model nor tokenizer.json.")
+      path = found[0]
+    roles = _read_roles(directory)
+    if path.suffix == ".model":
+      return cls(sentencepiece_proto=path.read_bytes(), roles=roles)
+    return cls(hf_json=path.read_text(), roles=roles)
+
+  def save(self, directory: str | pathlib.Path) -> None:
+    """Writes tokenizer.model or tokenizer.json, plus special_tokens.json."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if self._sp is not None:
+      (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
+    else:
+      (directory / "tokenizer.json").write_text(self._hf.to_str())
+    (directory / SPECIAL_TOKENS_FILE).write_text(json.dumps(
+        {"kind": self.kind, **self.roles, "special_tokens": SPECIAL_TOKENS}, indent=1) + "\n")
+
+  def add_special_tokens(self, tokens: list[str] | None = None) -> int:
+    """Appends the tokens of `tokens` (default SPECIAL_TOKENS) the vocabulary lacks, in list order, so the
+    new ids are deterministic. Returns the new vocab size (the model's embedding must grow to it)."""
+    tokens = SPECIAL_TOKENS if tokens is None else tokens
+    missing = [t for t in tokens if self.token_to_id(t) is None]
+    if missing and self._hf is None:
+      raise ValueError(f"A sentencepiece model cannot grow; it lacks {missing}. Retrain with train_sentencepiece.")
+    if missing:
+      import tokenizers
+      self._hf.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
+    return self.vocab_size
+
+  # ----- text <-> ids
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`, no bos/eos added."""
+    if self._sp is not None:
+      return self._sp.encode(text)
+    return self._hf.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """Text of `ids`, special tokens included (sentencepiece drops pad/bos/eos, which are control pieces)."""
+    ids = [int(i) for i in ids]
+    if self._sp is not None:
+      return self._sp.decode(ids)
+    return self._hf.decode(ids, skip_special_tokens=False)
+
+  def token_to_id(self, token: str) -> int | None:
+    if self._sp is not None:
+      i = self._sp.piece_to_id(token)
+      # sentencepiece maps unknown pieces to unk; only the unk piece itself may return unk_id.
+      return None if i == self._sp.unk_id() and token != self._sp.id_to_piece(i) else i
+    return self._hf.token_to_id(token)
+
+  def id_to_token(self, i: int) -> str:
+    if self._sp is not None:
+      return self._sp.id_to_piece(int(i))
+    return self._hf.id_to_token(int(i))
+
+  @property
+  def vocab_size(self) -> int:
+    if self._sp is not None:
+      return self._sp.get_piece_size()
+    return self._hf.get_vocab_size(with_added_tokens=True)
+
+  # ----- ids the pipeline needs
+
+  def _required(self, token: str | None, what: str) -> int:
+    i = None if token is None else self.token_to_id(token)
+    if i is None:
+      raise KeyError(f"The tokenizer has no {what} token ({token!r}); set it in {SPECIAL_TOKENS_FILE} "
+                     f"or call add_special_tokens().")
+    return i
+
+  @property
+  def pad_id(self) -> int:
+    # HF tokenizers often lack a pad token; padded positions are masked, so eos serves.
+    return self._required(self.roles.get("pad") or self.roles.get("eos"), "pad")
+
+  @property
+  def eos_id(self) -> int:
+    return self._required(self.roles.get("eos"), "eos")
+
+  @property
+  def bos_id(self) -> int | None:
+    token = self.roles.get("bos")
+    return None if token is None else self.token_to_id(token)
+
+  @property
+  def image_id(self) -> int:
+    return self._required(IMAGE_TOKEN, "image")
+
+  @property
+  def im_start_id(self) -> int:
+    return self._required(IM_START, "im_start")
+
+  @property
+  def im_end_id(self) -> int:
+    return self._required(IM_END, "im_end")
+
+
+def _read_roles(directory: pathlib.Path) -> dict[str, str | None]:
+  """pad/unk/bos/eos tokens from our special_tokens.json, else from an HF tokenizer_config.json."""
+  ours = directory / SPECIAL_TOKENS_FILE
+  if ours.exists():
+    data = json.loads(ours.read_text())
+    return {k: data.get(k) for k in ("pad", "unk", "bos", "eos")}
+  hf = directory / "tokenizer_config.json"
+  if not hf.exists():
+    return {}
+  data = json.loads(hf.read_text())
+  roles = {}
+  for role in ("pad", "unk", "bos", "eos"):
+    value = data.get(f"{role}_token")
+    if isinstance(value, dict):  # older configs store AddedToken dicts
+      value = value.get("content")
+    if value is not None:
+      roles[role] = value
+  return roles
