@@ -1,0 +1,175 @@
+"""Dataset record -> one unpadded model example, per stage task (DESIGN.md "Dataset records").
+
+Tasks:
+- conversation: ChatML over the record's turns, labels on assistant turns. Too long for data.seq_len or
+  too many tiles for data.max_tiles: cut after the last assistant turn that fits (whole turns only, so an
+  image's tokens are never split); dropped when not even the first assistant turn fits.
+- caption: LLaVA pretraining, user `<image>` (the first image) and the caption as the assistant's answer.
+- text: the record's caption and turn texts without images, joined by `\\n`, then eos; all labelled.
+  Cut to seq_len (any prefix of plain text is still good language-model data).
+- image_text: the first image as one square tile + the caption ids (cut, then eos) for contrastive training.
+
+`Preprocessor.counts` counts kept, truncated and dropped records by reason.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from vlm_jax.config import Config
+from vlm_jax.inputs import chat, images
+from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
+
+TASKS = ("conversation", "caption", "text", "image_text")
+
+
+class Preprocessor:
+  """Turns records into examples: {"input_ids" int32 [n], "labels" int32 [n], "tiles" float32 [t, H, W, 3]}
+  for the language-model tasks, {"pixel_values" float32 [1, H, W, 3], "text_ids" int32 [m]} for image_text."""
+
+  def __init__(self, config: Config, tokenizer: Tokenizer):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.seq_len = config.data.seq_len
+    self.max_tiles = config.data.max_tiles
+    self.tokens_per_tile = config.model.image_tokens_per_tile
+    self.counts = collections.Counter()
+
+  def to_example(self, record: dict, task: str) -> dict | None:
+    """One example, or None when the record is dropped (the reason is counted in self.counts)."""
+    if task not in TASKS:
+      raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    example = getattr(self, f"_{task}")(record)
+    if example is not None:
+      self.counts["kept"] += 1
+    return example
+
+  def _drop(self, reason: str) -> None:
+    self.counts[f"dropped_{reason}"] += 1
+
+  # ----- tasks
+
+  def _conversation(self, record: dict) -> dict | None:
+    turns = with_image_placeholders(record["turns"], len(record["images"]))
+    if turns is None:
+      return self._drop("image_count_mismatch")
+    prompts, tiles_per_image = self._image_prompts(record["images"])
+    parts = chat.tokenize_turns(turns, prompts, self.tokenizer)
+    keep, reason = self._fitting_prefix(turns, parts, tiles_per_image)
+    if keep == 0:
+      return self._drop(reason)
+    if keep < len(turns):
+      self.counts["truncated"] += 1
+    used_images = sum(p.images for p in parts[:keep])
+    return self._assemble(parts[:keep], record["images"][:used_images])
+
+  def _caption(self, record: dict) -> dict | None:
+    if not record["images"]:
+      return self._drop("no_image")
+    if not record["caption"]:
+      return self._drop("no_caption")
+    turns = [{"role": "user", "content": IMAGE_TOKEN},
+             {"role": "assistant", "content": record["caption"]}]
+    prompts, tiles_per_image = self._image_prompts(record["images"][:1])
+    if tiles_per_image[0] > self.max_tiles:
+      return self._drop("too_many_tiles")
+    parts = chat.tokenize_turns(turns, prompts, self.tokenizer)
+    if sum(len(p.input_ids) for p in parts) > self.seq_len:
+      return self._drop("too_long")
+    return self._assemble(parts, record["images"][:1])
+
+  def _text(self, record: dict) -> dict | None:
+    texts = [record["caption"]] + [t["content"].replace(IMAGE_TOKEN, "") for t in record["turns"]]
+    text = "\n".join(t.strip() for t in texts if t.strip())
+    if not text:
+      return self._drop("no_text")
+    ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+    if len(ids) > self.seq_len:
+      ids = ids[:self.seq_len]
+      self.counts["truncated"] += 1
+    ids = np.asarray(ids, np.int32)
+    size = self.config.model.vision.image_size
+    return {"input_ids": ids, "labels": ids.copy(), "tiles": np.zeros([0, size, size, 3], np.float32)}
+
+  def _image_text(self, record: dict) -> dict | None:
+    if not record["images"]:
+      return self._drop("no_image")
+    if not record["caption"]:
+      return self._drop("no_caption")
+    max_len = self.config.model.contrastive.max_text_len
+    ids = self.tokenizer.encode(record["caption"])[:max_len - 1] + [self.tokenizer.eos_id]
+    size = self.config.model.vision.image_size
+    image = images.resize(np.asarray(record["images"][0]), size, size, self.config.data.resample)
+    vision = self.config.model.vision
+    return {"pixel_values": images.normalize(image, vision.image_mean, vision.image_std)[None],
+            "text_ids": np.asarray(ids, np.int32)}
+
+  # ----- prompts for generation
+
+  def to_prompt(self, record: dict, assistant_turn: int = 0) -> dict:
+    """The conversation up to (not including) its `assistant_turn`-th assistant turn, ending with
+    `<|im_start|>assistant\\n`: {"input_ids" int32 [n], "tiles" float32 [t, H, W, 3], "answer": str}."""
+    turns = with_image_placeholders(record["turns"], len(record["images"]))
+    if turns is None:
+      raise ValueError(f"Record {record.get('id')!r}: image placeholders do not match its images.")
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    cut = answers[assistant_turn]
+    n_images = sum(t["content"].count(IMAGE_TOKEN) for t in turns[:cut])
+    prompts, _ = self._image_prompts(record["images"][:n_images])
+    parts = chat.tokenize_turns(turns[:cut], prompts, self.tokenizer, generation_prompt=True)
+    example = self._assemble(parts, record["images"][:n_images])
+    return {"input_ids": example["input_ids"], "tiles": example["tiles"], "answer": turns[cut]["content"]}
+
+  # ----- shared steps
+
+  def _image_prompts(self, record_images) -> tuple[list[str], list[int]]:
+    """Prompt string and tile count of each image, from its size alone."""
+    prompts, counts = [], []
+    for image in record_images:
+      rows, cols = images.tile_grid(*np.shape(image)[:2], self.config)
+      prompts.append(images.image_prompt(rows, cols, self.tokens_per_tile, self.config.data.image_splitting))
+      counts.append(images.tile_count(rows, cols))
+    return prompts, counts
+
+  def _fitting_prefix(self, turns, parts, tiles_per_image) -> tuple[int, str]:
+    """(leading turns to keep, ending on an assistant turn; why not more). Keeping 0 means dropping."""
+    keep, reason = 0, "no_assistant_turn"
+    tokens = tiles = image_index = 0
+    for i, (turn, part) in enumerate(zip(turns, parts)):
+      tokens += len(part.input_ids)
+      tiles += sum(tiles_per_image[image_index:image_index + part.images])
+      image_index += part.images
+      if tiles > self.max_tiles:
+        return keep, "too_many_tiles"
+      if tokens > self.seq_len:
+        return keep, "too_long"
+      if turn["role"] == "assistant":
+        keep = i + 1
+    return keep, reason
+
+  def _assemble(self, parts, record_images) -> dict:
+    input_ids = np.concatenate([p.input_ids for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    size = self.config.model.vision.image_size
+    processed = [images.process_image(np.asarray(im), self.config).tiles for im in record_images]
+    tiles = np.concatenate(processed) if processed else np.zeros([0, size, size, 3], np.float32)
+    n_image_ids = int((input_ids == self.tokenizer.image_id).sum())
+    if n_image_ids != len(tiles) * self.tokens_per_tile:
+      raise ValueError(f"{n_image_ids} {IMAGE_TOKEN} ids for {len(tiles)} tiles of {self.tokens_per_tile} "
+                       f"tokens: does the tokenizer keep {IMAGE_TOKEN} as one token?")
+    return {"input_ids": input_ids, "labels": labels, "tiles": tiles}
+
+
+def with_image_placeholders(turns: list[dict], n_images: int) -> list[dict] | None:
+  """The turns with one `<image>` per image: as they are if the counts match; with `<image>\\n` * n put
+  before the first user turn's text if there are none (LLaVA data places them so); None on a mismatch."""
+  found = sum(t["content"].count(IMAGE_TOKEN) for t in turns)
+  if found == n_images:
+    return list(turns)
+  if found or not any(t["role"] == "user" for t in turns):
+    return None
+  first = next(i for i, t in enumerate(turns) if t["role"] == "user")
+  turns = list(turns)
+  turns[first] = {"role": "user", "content": f"{IMAGE_TOKEN}\n" * n_images + turns[first]["content"]}
+  return turns
