@@ -6,7 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="JAX/Flax library for training LLaVA-style vision-language models on TPUs.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    packages=setuptools.find_packages(include=["vlm_jax", "vlm_jax.*"])
+    + ["vlm_jax.datasets"] + ["vlm_jax.datasets." + p for p in setuptools.find_packages("data")],
     # The dataset builders live in the top-level `data/` folder but install as `vlm_jax.datasets`
     # so no top-level package named `data` lands in site-packages.
     package_dir={"vlm_jax.datasets": "data"},
