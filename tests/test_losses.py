@@ -1,0 +1,54 @@
+"""Losses against NumPy references."""
+import numpy as np
+
+from vlm_jax.losses import IGNORE_ID, clip_loss, siglip_loss, token_cross_entropy
+
+
+def _log_softmax(x, axis=-1):
+  x = x - x.max(axis=axis, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+
+
+def test_token_cross_entropy_shifts_and_ignores():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(2, 5, 7).astype(np.float32) * 3
+  labels = rng.randint(0, 7, (2, 5)).astype(np.int32)
+  labels[0, 2] = IGNORE_ID
+  labels[1, :3] = IGNORE_ID
+  loss_sum, count = token_cross_entropy(logits, labels)
+  expected, n = 0.0, 0
+  for b in range(2):
+    for t in range(4):  # logits at t predict the label at t + 1
+      if labels[b, t + 1] != IGNORE_ID:
+        expected -= _log_softmax(logits[b, t].astype(np.float64))[labels[b, t + 1]]
+        n += 1
+  assert int(count) == n == 5  # row 0: 4 - 1 ignored; row 1: 4 - 2 ignored
+  np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-6)
+
+
+def test_token_cross_entropy_all_ignored_is_zero():
+  loss_sum, count = token_cross_entropy(np.ones((1, 3, 4), np.float32), np.full((1, 3), IGNORE_ID, np.int32))
+  assert float(loss_sum) == 0.0 and int(count) == 0
+
+
+def _normalized(rng, n, e):
+  x = rng.randn(n, e)
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_clip_loss_matches_numpy():
+  rng = np.random.RandomState(1)
+  img, txt = _normalized(rng, 4, 6), _normalized(rng, 4, 6)
+  logits = 10.0 * img.astype(np.float64) @ txt.T.astype(np.float64)
+  idx = np.arange(4)
+  expected = -0.5 * (_log_softmax(logits, 1)[idx, idx].mean() + _log_softmax(logits, 0)[idx, idx].mean())
+  np.testing.assert_allclose(float(clip_loss(img, txt, np.float32(10.0))), expected, rtol=1e-5)
+
+
+def test_siglip_loss_matches_numpy():
+  rng = np.random.RandomState(2)
+  img, txt = _normalized(rng, 4, 6), _normalized(rng, 4, 6)
+  logits = 10.0 * img.astype(np.float64) @ txt.T.astype(np.float64) - 3.0
+  z = 2 * np.eye(4) - 1
+  expected = np.sum(np.log1p(np.exp(-z * logits))) / 4  # -log sigmoid(x) = log(1 + e^-x)
+  np.testing.assert_allclose(float(siglip_loss(img, txt, np.float32(10.0), np.float32(-3.0))), expected, rtol=1e-5)

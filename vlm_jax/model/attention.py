@@ -1,0 +1,60 @@
+"""Attention masks from segment ids, half-split RoPE, and scaled dot-product attention (GQA-aware).
+
+Masks are boolean `[batch, 1, q_len, kv_len]` (True = may attend). A query may attend a key iff both carry the
+same non-zero segment id (0 = padding; packed rows carry 1..k) and the key's slot is not after the query's.
+Slots are indices along the sequence (or KV-cache) axis; `q_offset` is the slot of the first query, so the same
+rule serves training (q_offset=0, keys = queries) and cached decoding (keys = the whole cache).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def make_attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_offset: jax.Array | int = 0,
+                        causal: bool = True) -> jax.Array:
+  """Boolean mask [B, 1, S, L] from q_segment_ids [B, S] and kv_segment_ids [B, L]."""
+  q = q_segment_ids[:, :, None]
+  kv = kv_segment_ids[:, None, :]
+  mask = (q == kv) & (q != 0)
+  if causal:
+    q_slot = q_offset + jnp.arange(q_segment_ids.shape[1])
+    kv_slot = jnp.arange(kv_segment_ids.shape[1])
+    mask &= kv_slot[None, None, :] <= q_slot[None, :, None]
+  return mask[:, None]
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+  """HF Llama inverse frequencies theta^(-arange(0, D, 2) / D), float32 [D/2]."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in HF's half-split layout: x*cos + rotate_half(x)*sin, rotate_half = cat(-x2, x1).
+
+  x: [B, S, heads, D]; positions: int [B, S] (explicit, so packed / left-padded rows restart anywhere).
+  Angles are float32; the result has x's dtype.
+  """
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(x.shape[-1], theta)  # [B, S, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, S, 1, D]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T * D^-0.5) v with float32 logits and softmax (HF eager numerics).
+
+  q: [B, S, H, D]; k, v: [B, L, KV, D] with H a multiple of KV (query head h reads kv head h // (H/KV), HF's
+  repeat_kv order); mask: bool [B, 1, S, L] or None. Fully masked rows (padding queries) give finite garbage,
+  never NaN. Returns [B, S, H, D] in q's dtype.
+  """
+  b, s, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+  logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, d)

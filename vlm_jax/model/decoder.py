@@ -1,0 +1,137 @@
+"""Llama-family decoder: embed -> [RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU] x L -> RMSNorm -> logits.
+
+`Decoder(input_ids, segment_ids, positions, replace=None, decode=False) -> (logits [B,S,V] f32, hidden [B,S,D])`.
+`replace=(where [B,S] bool, values [B,S,D])` swaps token embeddings for other vectors (the VLM's image
+features) before the first layer. Layers are `nn.scan`ned when `scan_layers` (params under `layers` with a
+leading axis named 'layers'), else `layers_0`, `layers_1`, ...; `remat` none | full | dots.
+
+KV cache (generation). With `decode=True` the decoder reads and writes a linen "cache" collection:
+  decoder/index          int32 []              next free slot (shared by all rows: prompts are left-padded)
+  decoder/segment_ids    int32 [B, L]          segment of each filled slot (0 = padding / empty)
+  decoder/layers/attn/{key,value} [B, L, KV, hd]   (scanned: [layers, B, L, KV, hd]; else under layers_i)
+A call with S tokens writes their K/V (RoPE already applied, from the explicit `positions`) and segment ids at
+slots [index, index + S), then attends each query to every cache slot with the same non-zero segment that is not
+after it, and advances index by S. So prefill is one call with the whole left-padded prompt on an empty cache
+(left-pad slots carry segment 0 and are never attended; each row's positions start at 0 on its first real
+token), and each decode step is a call with S=1, the next position of each row, and segment 1.
+The cache length L is fixed when the cache is made (see `vlm.init_cache`, which sizes it by an abstract call
+on [B, L] tokens); every array shape is static, so generate.py can jit the prefill and run the decode steps in
+`lax.while_loop`, threading the cache through `apply(..., mutable=["cache"])`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import DecoderConfig
+from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
+from vlm_jax.model.layers import RMSNorm, constrain, dense, logical, stack_layers
+
+ACT_AXES = ("act_batch", "act_length", "act_embed")
+
+
+class Attention(nn.Module):
+  """GQA self-attention, no biases, RoPE on q and k; with `decode`, K/V go through the cache."""
+  config: DecoderConfig
+  dtype: Any
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None):
+    c = self.config
+    hd = c.resolved_head_dim
+    q = dense((c.num_heads, hd), ("embed", "heads", "head_dim"), name="q_proj", dtype=self.dtype, use_bias=False)(x)
+    k = dense((c.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="k_proj", dtype=self.dtype,
+              use_bias=False)(x)
+    v = dense((c.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v_proj", dtype=self.dtype,
+              use_bias=False)(x)
+    q = constrain(apply_rope(q, positions, c.rope_theta), ("act_batch", "act_length", "act_heads", None))
+    k = constrain(apply_rope(k, positions, c.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+    if self.decode:
+      cached_key = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+      cached_value = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+      v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), start)
+      cached_key.value, cached_value.value = k, v
+    out = dot_product_attention(q, k, v, mask)
+    return dense(c.width, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj", dtype=self.dtype,
+                 use_bias=False)(out)
+
+
+class SwiGLU(nn.Module):
+  config: DecoderConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate", dtype=self.dtype, use_bias=False)(x)
+    up = dense(c.mlp_dim, ("embed", "mlp"), name="up", dtype=self.dtype, use_bias=False)(x)
+    h = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+    return dense(c.width, ("mlp", "embed"), name="down", dtype=self.dtype, use_bias=False)(h)
+
+
+class DecoderLayer(nn.Module):
+  config: DecoderConfig
+  dtype: Any
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_index):
+    c = self.config
+    h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
+    x = x + Attention(c, self.dtype, self.decode, name="attn")(h, positions, mask, cache_index)
+    h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
+    x = x + SwiGLU(c, self.dtype, name="mlp")(h)
+    return constrain(x, ACT_AXES), None
+
+
+class Decoder(nn.Module):
+  config: DecoderConfig
+  dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
+               replace: tuple[jax.Array, jax.Array] | None = None,
+               decode: bool = False) -> tuple[jax.Array, jax.Array]:
+    """input_ids, segment_ids, positions: int [B, S] -> (logits float32 [B, S, V], final hidden [B, S, D])."""
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32, name="embed",
+                     embedding_init=logical(nn.initializers.normal(0.02), ("table_vocab", "embed")))
+    x = embed(input_ids)
+    if replace is not None:
+      where, values = replace
+      x = jnp.where(where[..., None], values.astype(self.dtype), x)
+    x = constrain(x, ACT_AXES)
+    self.sow("intermediates", "embeddings", x)
+
+    if decode:
+      index_var = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      segments_var = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
+      cache_index = index_var.value
+      kv_segments = jax.lax.dynamic_update_slice(segments_var.value, segment_ids.astype(jnp.int32), (0, cache_index))
+      mask = make_attention_mask(segment_ids, kv_segments, q_offset=cache_index)
+      segments_var.value = kv_segments
+      index_var.value = cache_index + input_ids.shape[1]
+    else:
+      cache_index = None
+      mask = make_attention_mask(segment_ids, segment_ids)
+
+    layers = stack_layers(DecoderLayer, dict(config=c, dtype=self.dtype, decode=decode), num_layers=c.num_layers,
+                          scanned=self.scan_layers, remat="none" if decode else self.remat, broadcast_args=3,
+                          cache=decode)
+    x = layers(x, positions, mask, cache_index)
+    x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+    if c.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)(x)
+    logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    return logits, x

@@ -1,0 +1,154 @@
+"""Vision encoders: SigLIP / CLIP ViTs with HF numerics, and Fuyu-style linear patch embedding ('none').
+
+`VisionEncoder(pixels [B, H, W, C]) -> features [B, T, W]`, where the features are
+`hidden_states[feature_layer]` (0 = embeddings, after `pre_layernorm` for CLIP; i = output of block i;
+-1 = last block), then `select_strategy` ('default' drops CLIP's CLS token), then `post_layernorm` if set.
+That is LLaVA's `vision_feature_layer` / `vision_feature_select_strategy`, and with feature_layer=-1 and
+post_layernorm=True it is HF's `last_hidden_state` (what Idefics3 uses). Blocks after the selected layer are
+not computed, but their params exist so that HF checkpoints round-trip.
+
+Also here: `EncoderBlock` (the pre-LN transformer block, shared with the text tower) and `MAPHead`
+(attention pooling with a learned probe, big_vision style).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import VisionConfig
+from vlm_jax.model.attention import dot_product_attention
+from vlm_jax.model.layers import LayerNorm, activation, constrain, dense, logical, stack_layers
+
+ACT_AXES = ("act_batch", "act_length", "act_embed")
+
+
+class SelfAttention(nn.Module):
+  """Multi-head attention with biases on q/k/v/out (SigLIP / CLIP layout). Optional bool mask [B,1,T,T]."""
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    qkv = [dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name=n, dtype=self.dtype)(x)
+           for n in ("q", "k", "v")]
+    qkv = [constrain(t, ("act_batch", "act_length", "act_heads", None)) for t in qkv]
+    out = dot_product_attention(*qkv, mask=mask)
+    return dense(width, ("heads", "head_dim", "vision_embed"), axis=(-2, -1), name="out", dtype=self.dtype)(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  act: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(self.mlp_dim, ("vision_embed", "vision_mlp"), name="fc1", dtype=self.dtype)(x)
+    h = constrain(activation(self.act)(h), ("act_batch", "act_length", "act_mlp"))
+    return dense(x.shape[-1], ("vision_mlp", "vision_embed"), name="fc2", dtype=self.dtype)(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x)). Returns (x, None) so it can be scanned."""
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  act: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+    h = LayerNorm(self.eps, self.dtype, name="ln1")(x)
+    x = x + SelfAttention(self.num_heads, self.dtype, name="attn")(h, mask)
+    h = LayerNorm(self.eps, self.dtype, name="ln2")(x)
+    x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(h)
+    return constrain(x, ACT_AXES), None
+
+
+def resolve_feature_layer(feature_layer: int, depth: int) -> int:
+  """Index into hidden_states (depth + 1 entries) -> number of blocks to run."""
+  index = feature_layer if feature_layer >= 0 else depth + 1 + feature_layer
+  if not 0 <= index <= depth:
+    raise ValueError(f"vision.feature_layer={feature_layer} is outside hidden_states of a {depth}-block ViT.")
+  return index
+
+
+class VisionEncoder(nn.Module):
+  """pixels [B, H, W, C] (normalized, NHWC) -> features [B, config.tokens_per_image, width]."""
+  config: VisionConfig
+  dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    c = self.config
+    p, width = c.patch_size, c.width
+    b, h, w, ch = pixels.shape
+    pixels = pixels.astype(self.dtype)
+    if c.kind == "none":
+      # Fuyu: each patch flattened in (row, col, channel) order, one linear layer, no transformer.
+      patches = pixels.reshape(b, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * ch)
+      x = dense(width, ("patch", "vision_embed"), name="patch_embed", dtype=self.dtype)(patches)
+      return constrain(x, ACT_AXES)
+
+    is_clip = c.kind == "clip"
+    x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=not is_clip, dtype=self.dtype,
+                param_dtype=jnp.float32, name="patch_embed",
+                kernel_init=logical(nn.initializers.lecun_normal(), ("patch", "patch", "channels", "vision_embed")),
+                bias_init=logical(nn.initializers.zeros_init(), ("vision_embed",)))(pixels)
+    x = x.reshape(b, -1, width)  # row-major patches, as torch's flatten(2).transpose(1, 2)
+    if is_clip:
+      cls = self.param("cls_token", logical(nn.initializers.normal(0.02), ("vision_embed",)), (width,), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
+    pos = self.param("pos_embed", logical(nn.initializers.normal(width ** -0.5), ("positions", "vision_embed")),
+                     (c.num_positions, width), jnp.float32)
+    x = constrain(x + pos.astype(self.dtype), ACT_AXES)
+    if is_clip:
+      x = LayerNorm(c.layer_norm_eps, self.dtype, name="pre_layernorm")(x)
+
+    needed = resolve_feature_layer(c.feature_layer, c.depth)
+    blocks = stack_layers(
+        EncoderBlock, dict(num_heads=c.num_heads, mlp_dim=c.mlp_dim, eps=c.layer_norm_eps, act=c.act, dtype=self.dtype),
+        num_layers=c.depth, scanned=self.scan_layers, remat=self.remat,
+        count=c.depth if self.is_initializing() else needed, broadcast_args=1)
+    x = blocks(x, None)
+    if is_clip and c.select_strategy == "default":
+      x = x[:, 1:]
+    post_layernorm = LayerNorm(c.layer_norm_eps, self.dtype, name="post_layernorm")
+    if c.post_layernorm:
+      x = post_layernorm(x)
+    elif self.is_initializing():
+      post_layernorm(x)  # create its params anyway: HF checkpoints carry them
+    return x
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens, then a residual MLP.
+
+  tokens [B, T, W] -> [B, W]. Unlike mean pooling, the attention weights can single out positions (the
+  tokens carry position embeddings), which position questions need.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, _, width = x.shape
+    head_dim = width // self.num_heads
+    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, "vision_embed")), (1, width),
+                       jnp.float32)
+    q = dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name="q", dtype=self.dtype)(
+        jnp.broadcast_to(probe.astype(self.dtype), (b, 1, width)))
+    k = dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name="k", dtype=self.dtype)(x)
+    v = dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name="v", dtype=self.dtype)(x)
+    y = dense(width, ("heads", "head_dim", "vision_embed"), axis=(-2, -1), name="out", dtype=self.dtype)(
+        dot_product_attention(q, k, v))
+    y = y + Mlp(self.mlp_dim, "gelu_tanh", self.dtype, name="mlp")(LayerNorm(1e-6, self.dtype, name="ln")(y))
+    return y[:, 0]
