@@ -4,6 +4,7 @@ import pytest
 
 from vlm_jax.inputs import chat
 from vlm_jax.inputs.tokenizer import train_sentencepiece
+from vlm_jax.losses import IGNORE_ID
 
 CORPUS = (["<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n",
            "A red circle and two blue squares.\nHow many shapes are there? Three."] * 30)
@@ -22,7 +23,7 @@ def labelled_spans(ids, labels, tok):
   """Decoded maximal runs of labelled tokens."""
   spans, run = [], []
   for i, l in zip(ids, labels):
-    if l != chat.IGNORE_ID:
+    if l != IGNORE_ID:
       assert l == i
       run.append(int(i))
     elif run:
@@ -43,8 +44,8 @@ def test_render_exact(tok):
   assert ids.dtype == np.int32 and labels.dtype == np.int32 and ids.shape == labels.shape
   # The `\n` after each <|im_end|> is not labelled; the <|im_end|> ids are.
   im_end = np.flatnonzero(ids == tok.im_end_id)
-  assert labels[im_end].tolist() == [chat.IGNORE_ID, tok.im_end_id, chat.IGNORE_ID, tok.im_end_id]
-  assert labels[-1] == chat.IGNORE_ID and tok.decode(ids[-1:]) == "\n"
+  assert labels[im_end].tolist() == [IGNORE_ID, tok.im_end_id, IGNORE_ID, tok.im_end_id]
+  assert labels[-1] == IGNORE_ID and tok.decode(ids[-1:]) == "\n"
   assert (ids == tok.image_id).sum() == 3
 
 
@@ -56,7 +57,7 @@ def test_per_turn_tokens_equal_whole_string(tok):
 def test_generation_prompt(tok):
   ids, labels = chat.render(TURNS[:1], ["<image>"], tok, generation_prompt=True)
   assert tok.decode(ids) == "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\n"
-  assert np.all(labels == chat.IGNORE_ID)
+  assert np.all(labels == IGNORE_ID)
   assert chat.render_text(TURNS[:1], ["<image>"], generation_prompt=True) == tok.decode(ids)
 
 

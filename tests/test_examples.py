@@ -1,4 +1,6 @@
 """Preprocessor: each task's example, truncation on turn boundaries, drops counted by reason."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,7 @@ from vlm_jax.config import Config, ContrastiveConfig, DataConfig, ModelConfig, V
 from vlm_jax.inputs import chat
 from vlm_jax.inputs.examples import Preprocessor
 from vlm_jax.inputs.tokenizer import train_sentencepiece
+from vlm_jax.losses import IGNORE_ID
 
 CORPUS = (["<|im_start|>user\n<image>\nWhat colour is the circle?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n",
            "A red circle and two blue squares.\nHow many shapes are there? Three."] * 30)
@@ -31,7 +34,7 @@ def record(n_images=1, turns=None, caption="A red circle."):
 
 
 def decoded_labels(tok, ex):
-  keep = ex["labels"] != chat.IGNORE_ID
+  keep = ex["labels"] != IGNORE_ID
   return tok.decode(ex["input_ids"][keep])
 
 
@@ -113,6 +116,15 @@ def test_text_truncated_to_seq_len(tok):
   ex = pre.to_example(record(), "text")
   assert ex["input_ids"].tolist() == tok.encode("A red circle.\nWhat colour?\nRed.\nHow many?\nTwo")[:5]
   assert pre.counts == {"kept": 1, "truncated": 1}
+
+
+def test_config_must_agree_with_tokenizer(tok):
+  cfg = make_config()
+  with pytest.raises(ValueError, match="set model.image_token_id=4"):
+    Preprocessor(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_token_id=7)), tok)
+  small = dataclasses.replace(cfg.model.decoder, vocab_size=100)
+  with pytest.raises(ValueError, match="more than model.decoder.vocab_size=100"):
+    Preprocessor(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder=small)), tok)
 
 
 def test_to_prompt(tok):

@@ -60,7 +60,7 @@ def check_same(ours, hf_ids, hf_pixels):
 ])
 def test_idefics3_processor_parity(tokenizer_dir, shapes, n_tiles):
   cfg = Config(model=ModelConfig(vision=VisionConfig(image_size=32, patch_size=8),
-                                 projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2)),
+                                 projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2), image_token_id=300),
                data=DataConfig(image_splitting=True, max_image_size=64, resample="lanczos", seq_len=512,
                                max_tiles=8))
   tok = Tokenizer.load(tokenizer_dir)
@@ -84,7 +84,7 @@ def test_idefics3_processor_parity(tokenizer_dir, shapes, n_tiles):
 ])
 def test_llava_processor_parity(tokenizer_dir, kind, strategy, mean, std, tokens):
   cfg = Config(model=ModelConfig(vision=VisionConfig(kind=kind, image_size=32, patch_size=8, select_strategy=strategy,
-                                                     image_mean=mean, image_std=std)),
+                                                     image_mean=mean, image_std=std), image_token_id=300),
                data=DataConfig(image_splitting=False, resample="bicubic", seq_len=512, max_tiles=1))
   assert cfg.model.image_tokens_per_tile == tokens
   tok = Tokenizer.load(tokenizer_dir)

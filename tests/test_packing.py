@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from vlm_jax.inputs import packing
-from vlm_jax.inputs.chat import IGNORE_ID
+from vlm_jax.losses import IGNORE_ID
 
 PAD = 0
 H = 2  # tiny 2x2 tiles

@@ -51,3 +51,22 @@ def test_describe_image_text_and_collapse():
   n = len(tok.encode("Red.")) + 1
   assert out.splitlines()[1] == f"row 0: image [1, 4, 4, 3] mean 0.250 | text {n}/8 tokens: Red.</s>"
   assert show.collapse_images("a<image><image>b<image>") == "a<image>*2b<image>*1"
+
+
+def test_show_config_batch_on_prepared_shapes(tmp_path):
+  """`vlm-jax data show` end to end: prepare a tiny shapes_vqa, load its tokenizer, describe 2 rows."""
+  from vlm_jax import config as config_lib, datasets  # pylint: disable=import-outside-toplevel
+  options = dict(num_train=8, num_validation=4, num_test=4)
+  datasets.prepare("shapes_vqa", str(tmp_path), **options)
+  dataset = f"shapes_vqa/{datasets.get_builder('shapes_vqa', str(tmp_path), **options).builder_config.name}"
+  cfg = config_lib.load("shapes_tiny", [f"data.data_dir={tmp_path}",
+                                        f"train.stages.instruct.datasets=[('{dataset}', 1.0)]"])
+  out = show.show_config_batch(cfg, split="validation", stage="instruct", rows=2).splitlines()
+  assert out[0] == f"stage instruct (task conversation) on validation of {dataset}"
+  assert out[1].startswith("batch: input_ids int32[2, 192], labels int32[2, 192], "
+                           "pixel_values float32[2, 2, 48, 48, 3]")
+  rows = [line for line in out if line.startswith("row ")]
+  assert [r.split(":")[0] for r in rows] == ["row 0", "row 1"]
+  texts = [line for line in out if line.startswith("  text 1: ")]
+  assert len(texts) == 2 and all(t.startswith("  text 1: <|im_start|>user\\n<image>*36") for t in texts)
+  assert all("<|im_start|>assistant\\n[[" in t and t.endswith("<|im_end|>]]\\n") for t in texts)

@@ -17,11 +17,9 @@ import dataclasses
 import numpy as np
 
 from vlm_jax.inputs.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
+from vlm_jax.losses import IGNORE_ID
 
 ROLES = ("system", "user", "assistant")
-# Label of positions the loss skips. vlm_jax/losses.py (the model side) is meant to own it; it did not exist
-# yet when this was written, so the value (HF's) is defined here: keep the two equal.
-IGNORE_ID = -100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,13 @@ class Preprocessor:
     self.max_tiles = config.data.max_tiles
     self.tokens_per_tile = config.model.image_tokens_per_tile
     self.counts = collections.Counter()
+    # The model swaps the embeddings of model.image_token_id for image features: it must be the tokenizer's.
+    if config.model.image_token_id != tokenizer.image_id:
+      raise ValueError(f"model.image_token_id={config.model.image_token_id} but the tokenizer's <image> id is "
+                       f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}.")
+    if tokenizer.vocab_size > config.model.decoder.vocab_size:
+      raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens, more than model.decoder.vocab_size="
+                       f"{config.model.decoder.vocab_size}.")
 
   def to_example(self, record: dict, task: str) -> dict | None:
     """One example, or None when the record is dropped (the reason is counted in self.counts)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_jax.inputs.chat import IGNORE_ID
+from vlm_jax.losses import IGNORE_ID
 
 
 def _check_fits(example: dict, seq_len: int, max_tiles: int) -> None:

@@ -6,12 +6,14 @@ each segment on one line: newlines shown as `\\n`, runs of `<image>` as `<image>
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 
-from vlm_jax.inputs.chat import IGNORE_ID
-from vlm_jax.inputs.tokenizer import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, Tokenizer
+from vlm_jax.config import Config
+from vlm_jax.inputs.tokenizer import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, Tokenizer, load_tokenizer
+from vlm_jax.losses import IGNORE_ID
 
 _IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE_TOKEN)})+")
 _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -45,6 +47,19 @@ def describe_batch(batch: dict, tokenizer: Tokenizer, rows: int = 2) -> str:
     else:
       lines += _describe_row(batch, b, tokenizer)
   return "\n".join(lines)
+
+
+def show_config_batch(config: Config, split: str = "train", stage: str | None = None, rows: int = 2) -> str:
+  """`vlm-jax data show`: the first batch of `rows` rows the loader makes for a stage (default: the last)
+  on `split`, described. Runs in this process (no grain workers)."""
+  from vlm_jax.inputs import loader  # pylint: disable=import-outside-toplevel  (grain, TFDS)
+  chosen = config.train.stage(stage) if stage else config.train.stages[-1]
+  chosen = dataclasses.replace(chosen, split=split, batch_size=rows, grad_accum=1)
+  config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=0))
+  tokenizer = load_tokenizer(config)
+  batch = next(loader.make_loader(config, chosen, tokenizer, process_index=0, process_count=1))
+  header = f"stage {chosen.name} (task {chosen.task}) on {split} of {', '.join(n for n, _ in chosen.datasets)}"
+  return header + "\n" + describe_batch(batch, tokenizer, rows)
 
 
 def _describe_row(batch: dict, b: int, tokenizer: Tokenizer) -> list[str]:

@@ -6,13 +6,15 @@ for chat text with newlines. Ids: pad=0, unk=1, bos=2, eos=3, then `SPECIAL_TOKE
 Imported HF tokenizers keep their own ids; `add_special_tokens` appends the ones they lack.
 
 A saved tokenizer is a directory with `tokenizer.model` or `tokenizer.json`, plus `special_tokens.json`
-naming the pad/unk/bos/eos tokens.
+naming the pad/unk/bos/eos tokens. Paths may be local or gs:// (etils.epath).
 """
 from __future__ import annotations
 
 import io
 import json
-import pathlib
+import os
+
+from etils import epath
 
 IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
@@ -35,7 +37,7 @@ SENTENCEPIECE_ROLES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 
 
-def train_sentencepiece(texts, vocab_size: int, path: str | pathlib.Path | None = None) -> "Tokenizer":
+def train_sentencepiece(texts, vocab_size: int, path: str | os.PathLike | None = None) -> "Tokenizer":
   """Trains a unigram sentencepiece model on an iterable of strings; writes it to `path` if given.
 
   The vocabulary may come out smaller than `vocab_size` on a small corpus (hard_vocab_limit=False);
@@ -53,7 +55,7 @@ def train_sentencepiece(texts, vocab_size: int, path: str | pathlib.Path | None 
       num_threads=1, minloglevel=2)
   tok = Tokenizer(sentencepiece_proto=model.getvalue())
   if path is not None:
-    pathlib.Path(path).write_bytes(model.getvalue())
+    epath.Path(path).write_bytes(model.getvalue())
   return tok
 
 
@@ -81,10 +83,10 @@ class Tokenizer:
   # ----- construction and storage
 
   @classmethod
-  def load(cls, path: str | pathlib.Path) -> "Tokenizer":
+  def load(cls, path: str | os.PathLike) -> "Tokenizer":
     """Loads a directory (tokenizer.model or tokenizer.json [+ special_tokens.json / HF tokenizer_config.json])
     or a single `.model` / `.json` file."""
-    path = pathlib.Path(path).expanduser()
+    path = epath.Path(os.path.expanduser(os.fspath(path)))
     directory = path if path.is_dir() else path.parent
     if path.is_dir():
       candidates = [directory / "tokenizer.model", directory / "tokenizer.json"]
@@ -97,9 +99,9 @@ class Tokenizer:
       return cls(sentencepiece_proto=path.read_bytes(), roles=roles)
     return cls(hf_json=path.read_text(), roles=roles)
 
-  def save(self, directory: str | pathlib.Path) -> None:
+  def save(self, directory: str | os.PathLike) -> None:
     """Writes tokenizer.model or tokenizer.json, plus special_tokens.json."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if self._sp is not None:
       (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
@@ -189,7 +191,7 @@ class Tokenizer:
     return self._required(IM_END, "im_end")
 
 
-def _read_roles(directory: pathlib.Path) -> dict[str, str | None]:
+def _read_roles(directory: epath.Path) -> dict[str, str | None]:
   """pad/unk/bos/eos tokens from our special_tokens.json, else from an HF tokenizer_config.json."""
   ours = directory / SPECIAL_TOKENS_FILE
   if ours.exists():
@@ -207,3 +209,24 @@ def _read_roles(directory: pathlib.Path) -> dict[str, str | None]:
     if value is not None:
       roles[role] = value
   return roles
+
+
+def load_tokenizer(config) -> Tokenizer:
+  """The tokenizer of a run: `data.tokenizer.path` if set, else the one stored under `<data_path>/tokenizer/`
+  by preparing the first dataset of the stages (in stage order) that has one (shapes_vqa trains its own)."""
+  tok_config = config.data.tokenizer
+  if tok_config.path:
+    tok = Tokenizer.load(tok_config.path)
+  else:
+    from vlm_jax import datasets  # pylint: disable=import-outside-toplevel  (imports TFDS)
+    names = list(dict.fromkeys(name for stage in config.train.stages for name, _ in stage.datasets))
+    dirs = [epath.Path(datasets.get_builder(n, config.data.data_dir).data_path) / "tokenizer" for n in names]
+    found = [d for d in dirs if d.exists()]
+    if not found:
+      raise FileNotFoundError(f"data.tokenizer.path is empty and no prepared dataset of {names} under "
+                              f"{config.data.data_dir} stored a tokenizer (looked in {[str(d) for d in dirs]}); "
+                              f"prepare the data first or set data.tokenizer.path.")
+    tok = Tokenizer.load(found[0])
+  if tok.kind != tok_config.kind:
+    raise ValueError(f"data.tokenizer.kind={tok_config.kind!r} but the tokenizer found is {tok.kind!r}.")
+  return tok
