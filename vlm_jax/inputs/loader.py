@@ -1,0 +1,203 @@
+"""grain input pipeline: TFDS records -> sharded, shuffled, mixed, resumable host batches -> global arrays.
+
+For each dataset of a stage's mixture: the split's records are cut to a multiple of the process count and
+sliced so that process i reads records i, i + n, i + 2n, ... (disjoint shards that together cover the
+split), shuffled by seed (a new order every epoch) and repeated forever. Datasets are interleaved in
+proportion to their weights (grain `MapDataset.mix`: a fixed, deterministic pattern). Each record becomes
+an example (`examples.Preprocessor`); dropped records are filtered out; examples are padded (or packed) into
+rows of fixed shape and batched with drop_remainder, so every batch has the same shapes.
+
+`make_loader` returns a grain `DatasetIterator`. Save and restore its position with Orbax:
+`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (one JSON per process);
+a restored iterator yields exactly the batch that would have come next.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from vlm_jax.config import Config, StageConfig
+from vlm_jax.inputs import examples, packing
+from vlm_jax.inputs.tokenizer import Tokenizer
+from vlm_jax.sharding import data_sharding
+
+READ_THREADS = 2  # records are decoded and tokenized in threads; the machines are small
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def normalize_record(raw: dict) -> dict:
+  """What a TFDS data source returns -> the record of DESIGN.md: str fields, turns as a list of
+  {"role", "content"}, images as a list of uint8 [h, w, 3] arrays."""
+  turns = raw["turns"]
+  return {
+      "id": _text(raw["id"]),
+      "images": [np.asarray(im, np.uint8) for im in raw["images"]],
+      "caption": _text(raw["caption"]),
+      "turns": [{"role": _text(r), "content": _text(c)} for r, c in zip(turns["role"], turns["content"])],
+      "question_types": [_text(q) for q in raw["question_types"]],
+  }
+
+
+class RecordSource:
+  """Random access to the normalized records of one prepared split (grain's data source protocol)."""
+
+  def __init__(self, tfds_source, name: str):
+    self._source = tfds_source
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    return normalize_record(self._source[index])
+
+  def __repr__(self) -> str:  # grain prints sources in its debug output
+    return f"RecordSource({self.name!r}, {len(self)} records)"
+
+
+def data_source(name: str, split: str, data_dir: str) -> RecordSource:
+  """The records of `split` of the prepared dataset `name` ('builder' or 'builder/config')."""
+  from vlm_jax import datasets  # pylint: disable=import-outside-toplevel  (the builders import TFDS)
+  builder = datasets.get_builder(name, data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"Dataset {name!r} is not prepared under {data_dir}: run "
+                            f"`vlm-jax data prepare {name} --data-dir {data_dir}` first.")
+  if split not in builder.info.splits:
+    raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  return RecordSource(builder.as_data_source(split), f"{name}:{split}")
+
+
+def record_dataset(config: Config, stage: StageConfig, process_index: int, process_count: int
+                   ) -> grain.MapDataset:
+  """This process's endless stream of records of the stage's mixture, as a grain MapDataset."""
+  parts, weights = [], []
+  for i, (name, weight) in enumerate(stage.datasets):
+    if weight <= 0:
+      raise ValueError(f"Stage {stage.name!r}: dataset {name!r} has weight {weight}; weights must be > 0.")
+    source = data_source(name, stage.split, config.data.data_dir)
+    usable = len(source) // process_count * process_count  # equal shards: drop the remainder
+    if usable == 0:
+      raise ValueError(f"{name}:{stage.split} has {len(source)} records, fewer than {process_count} processes.")
+    shard = grain.MapDataset.source(source)[process_index:usable:process_count]
+    # Per-dataset seeds, so that two datasets of equal size are not shuffled in lockstep.
+    parts.append(shard.shuffle(seed=config.data.shuffle_seed * 1009 + i).repeat(None))
+    weights.append(float(weight))
+  if not parts:
+    raise ValueError(f"Stage {stage.name!r} names no datasets.")
+  return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+class _ToRow:
+  """record -> a padded row, an unpadded example (when packing), or None (dropped by the Preprocessor)."""
+
+  def __init__(self, config: Config, stage: StageConfig, tokenizer: Tokenizer, pack: bool):
+    self.preprocessor = examples.Preprocessor(config, tokenizer)
+    self.task, self.pack, self.data = stage.task, pack, config.data
+    self.pad_id = tokenizer.pad_id
+    self.max_text_len = config.model.contrastive.max_text_len
+
+  def __call__(self, record: dict) -> dict | None:
+    example = self.preprocessor.to_example(record, self.task)
+    if example is None or self.pack:
+      return example
+    if self.task == "image_text":
+      return packing.pad_image_text(example, self.max_text_len, self.pad_id)
+    return packing.pad_example(example, self.data.seq_len, self.data.max_tiles, self.pad_id,
+                               self.data.padding_side)
+
+
+class PackedIterDataset(grain.IterDataset):
+  """Greedy packing (`packing.Packer`) of a stream of examples into rows."""
+
+  def __init__(self, parent: grain.IterDataset, seq_len: int, max_tiles: int, pad_id: int):
+    super().__init__(parent)
+    self._args = (seq_len, max_tiles, pad_id)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _PackedIterator(self._parent.__iter__(), *self._args)
+
+
+class _PackedIterator(grain.DatasetIterator):
+  """Its state is the parent's state before the open row's first example plus how many examples the open
+  row holds: restoring rewinds the parent there and re-adds them, so resume is exact and the state stays
+  small JSON (no arrays)."""
+
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int, max_tiles: int, pad_id: int):
+    super().__init__(parent)
+    self._args = (seq_len, max_tiles, pad_id)
+    self._packer = packing.Packer(*self._args)
+    self._row_start = parent.get_state()
+
+  def __next__(self) -> dict:
+    while True:
+      before = self._parent.get_state()
+      try:
+        example = next(self._parent)
+      except StopIteration:
+        row = self._packer.flush()
+        if row is None:
+          raise
+        self._row_start = self._parent.get_state()
+        return row
+      row = self._packer.add(example)
+      if row is not None:  # `example` closed the open row and opened the next one
+        self._row_start = before
+        return row
+
+  def get_state(self) -> dict:
+    return {"parent": self._row_start, "pending": len(self._packer.pending)}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._row_start = state["parent"]
+    self._packer = packing.Packer(*self._args)
+    for _ in range(state["pending"]):
+      self._packer.add(next(self._parent))
+
+
+def host_batch_size(stage: StageConfig, process_count: int) -> int:
+  if stage.batch_size % process_count:
+    raise ValueError(f"Stage {stage.name!r}: batch_size={stage.batch_size} is not divisible by the "
+                     f"{process_count} processes.")
+  return stage.batch_size // process_count
+
+
+def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
+                process_count: int | None = None) -> grain.DatasetIterator:
+  """An endless iterator of host-local batches (numpy dicts of DESIGN.md "The batch", or the contrastive
+  batch for task image_text), B = stage.batch_size // process_count rows each. The process defaults to
+  jax.process_index() / jax.process_count()."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  batch = host_batch_size(stage, process_count)
+  pack = config.data.packing and stage.task != "image_text"
+  records = record_dataset(config, stage, process_index, process_count)
+  read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * batch)
+  rows = records.map(_ToRow(config, stage, tokenizer, pack)).to_iter_dataset(read)  # drops the Nones
+  if pack:
+    rows = PackedIterDataset(rows, config.data.seq_len, config.data.max_tiles, tokenizer.pad_id)
+  batches = rows.batch(batch, drop_remainder=True)
+  if config.data.num_workers > 0:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  return iter(batches)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Host-local batch [B_host, ...] -> global jax.Arrays [B_host * process_count, ...], the leading axis
+  sharded over the mesh's (data, fsdp) axes."""
+  return {k: jax.make_array_from_process_local_data(data_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}
