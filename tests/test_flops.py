@@ -1,0 +1,181 @@
+"""vlm_jax.flops: hand-computed terms, backward multipliers per stage, and cross-checks against XLA's cost
+analysis of the real (unscanned) model's forward pass and of gradients w.r.t. each stage's trainable params."""
+import flax
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vlm_jax import config, flops
+from vlm_jax.model import vlm as vlm_lib
+
+# Wide enough that matmuls dominate XLA's count (it also counts norms, softmax, activations), small
+# enough to compile in seconds. Nothing here runs: only compiled.
+WIDE = ["model.scan_layers=false", "model.vision.width=256", "model.vision.mlp_dim=1024", "model.vision.depth=2",
+        "model.vision.num_heads=4", "model.decoder.width=256", "model.decoder.num_heads=4",
+        "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=768", "model.decoder.num_layers=2",
+        "model.decoder.vocab_size=1024", "model.contrastive.width=256", "model.contrastive.mlp_dim=1024",
+        "model.contrastive.embed_dim=128", "model.contrastive.depth=1"]
+B, S, N = 2, 128, 2
+
+
+def test_hand_computed_terms():
+  """shapes_tiny, batch 1, seq 192, 2 tiles: each term written out as 2*m*k*n."""
+  cfg = config.load("shapes_tiny")
+  terms = {m.name: m.flops for m in flops.matmuls(cfg, 1, 192, 2)}
+  tiles, patches = 2, 36  # 48 px / 8 px patches -> 6x6, SigLIP: no CLS
+  assert terms["vision.patch_embed"] == 2 * tiles * patches * (8 * 8 * 3) * 128
+  assert terms["vision.attn.q"] == 2 * tiles * patches * 128 * 128 * 3  # 3 layers
+  assert terms["vision.attn.scores"] == 2 * tiles * patches * 128 * patches * 3
+  assert terms["vision.mlp.fc1"] == 2 * tiles * patches * 128 * 512 * 3
+  assert terms["projector.linear_1"] == 2 * tiles * patches * 128 * 192
+  assert terms["projector.linear_2"] == 2 * tiles * patches * 192 * 192
+  assert terms["decoder.attn.q_proj"] == 2 * 192 * 192 * (6 * 32) * 3  # head_dim 32
+  assert terms["decoder.attn.k_proj"] == 2 * 192 * 192 * (2 * 32) * 3  # GQA: 2 kv heads
+  assert terms["decoder.attn.scores"] == 2 * 192 * (6 * 32) * 96 * 3  # causal: half of 192 keys
+  assert terms["decoder.mlp.down"] == 2 * 192 * 512 * 192 * 3
+  assert terms["decoder.lm_head"] == 2 * 192 * 192 * 512
+  assert len(terms) == 21  # ViT 9, projector 2, decoder 9, lm_head 1
+  assert flops.forward_flops(cfg, 1, 192, 2) == sum(terms.values()) == 634_503_168
+  full = flops.forward_flops(cfg, 1, 192, 2, causal_as_full=True)
+  assert full - sum(terms.values()) == terms["decoder.attn.scores"] + terms["decoder.attn.values"]
+
+
+def test_feature_layer_and_pixel_shuffle():
+  llava = config.load("llava15_7b")
+  terms = {m.name: m.flops for m in flops.matmuls(llava, 1, 2048, 1)}
+  assert flops.vision_layers_used(llava) == 23  # feature_layer -2 of 24 blocks
+  assert terms["vision.attn.q"] == 2 * 577 * 1024 * 1024 * 23  # 24x24 patches + CLS
+  assert terms["projector.linear_1"] == 2 * 576 * 1024 * 4096  # CLS dropped ('default')
+  smol = config.load("smolvlm_256m")
+  terms = {m.name: m.flops for m in flops.matmuls(smol, 1, 2048, 17)}
+  assert terms["projector.proj"] == 2 * 17 * 64 * (768 * 16) * 576  # 1024 patches / 16 after the shuffle
+  assert terms["decoder.lm_head"] == 2 * 2048 * 576 * 49280  # tied: the embedding table
+  assert flops.train_step_breakdown(smol, "instruct", 1, 2048, 17)["lm_head"] == 3 * terms["decoder.lm_head"]
+
+
+def test_backward_multipliers_per_stage():
+  """Frozen with nothing trainable upstream: 1x; frozen under a trainable block: 2x; trainable: 3x."""
+  cfg = config.load("shapes_tiny")
+  fwd = {}
+  for m in flops.matmuls(cfg, 4, 64, 2):
+    fwd[m.block] = fwd.get(m.block, 0) + m.flops
+  by_name = {m.name: m.flops for m in flops.matmuls(cfg, 4, 64, 2)}
+  attention = by_name["decoder.attn.scores"] + by_name["decoder.attn.values"]  # no weights: 2 input grads
+  align = flops.train_step_breakdown(cfg, "align", 4, 64, 2)
+  assert align["vision_embed"] == fwd["vision_embed"] and align["vision_layers"] == fwd["vision_layers"]
+  # linear_1 reads the frozen ViT: weight gradient only; linear_2 also passes gradients down to linear_1.
+  assert align["projector"] == 2 * by_name["projector.linear_1"] + 3 * by_name["projector.linear_2"]
+  assert align["decoder_layers"] == 2 * (fwd["decoder_layers"] - attention) + 3 * attention
+  assert align["lm_head"] == 2 * fwd["lm_head"]
+  instruct = flops.train_step_breakdown(cfg, "instruct", 4, 64, 2)
+  assert instruct["vision_layers"] == fwd["vision_layers"]
+  assert instruct["decoder_layers"] == 3 * fwd["decoder_layers"] and instruct["lm_head"] == 3 * fwd["lm_head"]
+  everything = flops.train_step_breakdown(cfg, config.StageConfig(trainable=(".*",)), 4, 64, 2)
+  assert everything["vision_embed"] == 2 * fwd["vision_embed"]  # no gradient w.r.t. pixels
+  assert everything["total"] == 3 * sum(fwd.values()) - fwd["vision_embed"]
+  text = flops.train_step_breakdown(cfg, "text_pretrain", 4, 64)  # task 'text': no tiles by default
+  assert set(text) == {"decoder_layers", "lm_head", "total"}
+  assert text["total"] == 3 * (fwd["decoder_layers"] + fwd["lm_head"])
+  assert flops.train_step_flops(cfg, "instruct") == flops.train_step_breakdown(cfg, "instruct", 32, 192, 2)["total"]
+
+
+def test_llava_instruct_is_about_six_flops_per_param_per_token():
+  """Decoder-dominated: ~6 * decoder params * tokens, plus attention and the frozen ViT's forward."""
+  cfg = config.load("llava15_7b")
+  tokens = 128 * 2048
+  d = cfg.model.decoder
+  decoder_params = d.num_layers * (4 * d.width ** 2 + 3 * d.width * d.mlp_dim) + d.width * d.vocab_size
+  total = flops.train_step_flops(cfg, "instruct")
+  assert 6 * decoder_params * tokens < total < 1.1 * 6 * decoder_params * tokens
+  assert total == pytest.approx(1.0871e16, rel=1e-3)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("shapes_tiny", []),
+    ("smolvlm_256m", ["model.vision.depth=1", "model.decoder.num_layers=1", "model.vision.image_size=64"]),
+    ("llava15_7b", ["model.vision.depth=2", "model.decoder.num_layers=1", "model.vision.image_size=56",
+                    "model.decoder.width=64", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=2",
+                    "model.decoder.vocab_size=128", "model.vision.width=64", "model.vision.num_heads=2"]),
+])
+@pytest.mark.parametrize("scan", [True, False])
+def test_param_paths_exist_in_the_model(name, overrides, scan):
+  """flops decides what trains from DESIGN.md's param paths: every one of them must exist in the model."""
+  cfg = config.load(name, overrides + [f"model.scan_layers={scan}"])
+  shapes, _ = vlm_lib.abstract_params(cfg.model)
+  real = set(flax.traverse_util.flatten_dict(shapes, sep="/"))
+  used = {p for paths in flops._block_params(cfg).values() for p in paths}  # pylint: disable=protected-access
+  used |= {m.weight for m in flops.matmuls(cfg, 1, 8, 1) if m.weight}
+  if cfg.model.contrastive.enabled:
+    used |= {m.weight for m in flops.matmuls(cfg, 1, 8, loss="contrastive") if m.weight}
+  expected_missing = set()  # paths that this model flavour does not have
+  if not cfg.model.contrastive.enabled:
+    expected_missing |= {p for p in used if p.startswith("contrastive/")}
+  if cfg.model.vision.kind == "clip":
+    expected_missing.add("vision/patch_embed/bias")
+  else:
+    expected_missing |= {"vision/cls_token", "vision/pre_layernorm/scale", "vision/pre_layernorm/bias"}
+  assert used - real == expected_missing
+
+
+def _xla_flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def _wide_model():
+  cfg = config.load("shapes_tiny", WIDE)
+  params, _ = vlm_lib.abstract_params(cfg.model)
+  return cfg, vlm_lib.VLM(cfg.model), params
+
+
+def test_forward_matches_xla_cost_analysis():
+  cfg, model, params = _wide_model()
+  batch = jax.tree.map(jnp.asarray, vlm_lib.dummy_batch(cfg.model, B, S, N))
+  xla = _xla_flops(lambda p, b: model.apply({"params": p}, b)["logits"], params, batch)
+  # XLA sees the dense masked attention, hence causal_as_full.
+  assert flops.forward_flops(cfg, B, S, N, causal_as_full=True) == pytest.approx(xla, rel=0.03)
+
+
+@pytest.mark.parametrize("stage", ["text_pretrain", "align", "instruct", "everything"])
+def test_train_step_matches_xla_gradients(stage):
+  """XLA's count of value-and-grad w.r.t. the stage's trainable params only: it drops the gradients nobody
+  needs (a frozen ViT's backward), as our accounting says."""
+  cfg, model, params = _wide_model()
+  st = config.StageConfig(name="everything") if stage == "everything" else cfg.train.stage(stage)
+  tiles = 0 if st.task == "text" else N
+  batch = jax.tree.map(jnp.asarray, vlm_lib.dummy_batch(cfg.model, B, S, max(tiles, 1)))
+  if not tiles:
+    batch = {**batch, "pixel_values": batch["pixel_values"][:, :0], "tile_mask": batch["tile_mask"][:, :0]}
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  trainable = {k: v for k, v in flat.items() if flops.is_trainable(k, st.trainable)}
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+
+  def loss(trainable, frozen, batch):
+    p = flax.traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
+    return jnp.mean(jnp.square(model.apply({"params": p}, batch)["logits"]))  # every logit gets a gradient
+
+  xla = _xla_flops(jax.value_and_grad(loss), trainable, frozen, batch)
+  ours = flops.train_step_flops(cfg, st, B, S, tiles)
+  dense_half = sum(m.flops for m in flops.matmuls(cfg, B, S, tiles) if m.name.startswith("decoder.attn.s")
+                   or m.name.startswith("decoder.attn.values"))
+  assert ours + 3 * dense_half == pytest.approx(xla, rel=0.03)  # the masked half of attention, fwd + bwd
+
+
+def test_contrastive_matches_xla_gradients():
+  cfg, model, params = _wide_model()
+  st = cfg.train.stage("vision_pretrain")
+  length = cfg.model.contrastive.max_text_len
+  pixels = jnp.zeros((B * 4, 1, 48, 48, 3))
+  text = jnp.zeros((B * 4, length), jnp.int32)
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  trainable = {k: v for k, v in flat.items() if flops.is_trainable(k, st.trainable)}
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+
+  def loss(trainable, frozen):
+    p = flax.traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
+    image, txt, _, _ = model.apply({"params": p}, pixels, text, text == 0, method=vlm_lib.VLM.contrastive_embeddings)
+    return jnp.mean(jnp.square(image @ txt.T))
+
+  assert flops.forward_flops(cfg, B * 4, loss="contrastive") == pytest.approx(
+      _xla_flops(lambda p: loss(p, {}), flat), rel=0.05)
+  assert flops.train_step_flops(cfg, st, B * 4) == pytest.approx(
+      _xla_flops(jax.value_and_grad(loss), trainable, frozen), rel=0.05)
