@@ -122,6 +122,9 @@ def test_config_must_agree_with_tokenizer(tok):
   cfg = make_config()
   with pytest.raises(ValueError, match="set model.image_token_id=4"):
     Preprocessor(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_token_id=7)), tok)
+  wide = dataclasses.replace(cfg.data, image_splitting=True, max_image_size=7 * 16)
+  with pytest.raises(ValueError, match="keep it <= 96"):
+    Preprocessor(dataclasses.replace(cfg, data=wide), tok)
   small = dataclasses.replace(cfg.model.decoder, vocab_size=100)
   with pytest.raises(ValueError, match="more than model.decoder.vocab_size=100"):
     Preprocessor(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder=small)), tok)

@@ -19,7 +19,7 @@ import numpy as np
 
 from vlm_jax.config import Config
 from vlm_jax.inputs import chat, images
-from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
+from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, MAX_GRID, Tokenizer
 
 TASKS = ("conversation", "caption", "text", "image_text")
 
@@ -39,6 +39,10 @@ class Preprocessor:
     if config.model.image_token_id != tokenizer.image_id:
       raise ValueError(f"model.image_token_id={config.model.image_token_id} but the tokenizer's <image> id is "
                        f"{tokenizer.image_id}; set model.image_token_id={tokenizer.image_id}.")
+    size = config.model.vision.image_size
+    if config.data.image_splitting and (config.data.max_image_size or 4 * size) > MAX_GRID * size:
+      raise ValueError(f"data.max_image_size={config.data.max_image_size} allows grids wider than the "
+                       f"{MAX_GRID}x{MAX_GRID} <row_i_col_j> tokens; keep it <= {MAX_GRID * size}.")
     if tokenizer.vocab_size > config.model.decoder.vocab_size:
       raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens, more than model.decoder.vocab_size="
                        f"{config.model.decoder.vocab_size}.")

@@ -1,4 +1,4 @@
-"""A readable view of a batch, for `vlm-jax data show` and for eyeballing the pipeline.
+"""A readable view of a batch (`describe_batch`), and `show_config_batch` behind `vlm-jax data show`.
 
 Per row: a summary line (segments with their lengths and position ranges, labelled tokens, valid tiles),
 the tile grid of each image (Idefics3 layout) or the `<image>` runs (LLaVA layout), then the decoded text of
