@@ -192,6 +192,10 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
     rows = PackedIterDataset(rows, config.data.seq_len, config.data.max_tiles, tokenizer.pad_id)
   batches = rows.batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
+    # grain's worker processes read absl flags, which a plain (non-absl) program never parsed.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(batches)
 
