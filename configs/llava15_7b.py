@@ -24,11 +24,11 @@ def get_config() -> Config:
                     tokenizer=TokenizerConfig(kind="hf", path="gs://YOUR_BUCKET/llava15/tokenizer"),
                     seq_len=2048, max_tiles=1, image_splitting=False, packing=True)
   stages = (
-      StageConfig(name="align", steps=2180, batch_size=256, trainable=("projector/.*",), task="caption",
-                  datasets=(("llava_pretrain", 1.0),), lr=1e-3, warmup_steps=65, weight_decay=0.0,
+      StageConfig(name="align", steps=2180, batch_size=256, trainable=("projector/.*",), task="conversation",
+                  datasets=(("llava_json/blip_laion_cc_sbu_558k", 1.0),), lr=1e-3, warmup_steps=65, weight_decay=0.0,
                   checkpoint_every=500),
       StageConfig(name="instruct", steps=5200, batch_size=128, trainable=("projector/.*", "decoder/.*"),
-                  task="conversation", datasets=(("llava_instruct", 1.0),), lr=2e-5, warmup_steps=156,
+                  task="conversation", datasets=(("llava_json/llava_v1_5_mix665k", 1.0),), lr=2e-5, warmup_steps=156,
                   weight_decay=0.0, checkpoint_every=500),
   )
   return Config(name="llava15_7b", model=model, mesh=MeshConfig(data=1, fsdp=-1, tensor=1), data=data,

@@ -18,12 +18,12 @@ def get_config() -> Config:
       image_token_id=49190, dtype="bfloat16", scan_layers=True, remat="full")
   data = DataConfig(data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
                     tokenizer=TokenizerConfig(kind="hf", path="gs://YOUR_BUCKET/smolvlm/tokenizer"),
-                    seq_len=2048, max_tiles=17, image_splitting=True, max_image_size=2048, packing=True)
+                    seq_len=2048, max_tiles=17, image_splitting=True, max_image_size=2048, resample="lanczos", packing=True)
   stages = (
-      StageConfig(name="align", steps=2000, batch_size=256, trainable=("projector/.*",), task="caption",
-                  datasets=(("llava_pretrain", 1.0),), lr=1e-3, warmup_steps=100, checkpoint_every=500),
+      StageConfig(name="align", steps=2000, batch_size=256, trainable=("projector/.*",), task="conversation",
+                  datasets=(("llava_json/blip_laion_cc_sbu_558k", 1.0),), lr=1e-3, warmup_steps=100, checkpoint_every=500),
       StageConfig(name="instruct", steps=5000, batch_size=128, trainable=("projector/.*", "decoder/.*"),
-                  task="conversation", datasets=(("llava_instruct", 1.0),), lr=2e-5, warmup_steps=150,
+                  task="conversation", datasets=(("llava_json/llava_v1_5_mix665k", 1.0),), lr=2e-5, warmup_steps=150,
                   lr_multipliers=(("projector/.*", 10.0),), weight_decay=0.0, checkpoint_every=500),
   )
   return Config(name="smolvlm_256m", model=model, mesh=MeshConfig(data=-1, fsdp=1, tensor=1), data=data,
