@@ -14,7 +14,8 @@ slots [index, index + S), then attends each query to every cache slot with the s
 after it, and advances index by S. So prefill is one call with the whole left-padded prompt on an empty cache
 (left-pad slots carry segment 0 and are never attended; each row's positions start at 0 on its first real
 token), and each decode step is a call with S=1, the next position of each row, and segment 1.
-The cache length L is fixed when the cache is made (see `vlm.init_cache`, which sizes it by an abstract call
+The cache length L is fixed when the cache is made (it must hold prompt + new tokens: writes past L are
+clamped by dynamic_update_slice, so the caller stops before) (see `vlm.init_cache`, which sizes it by an abstract call
 on [B, L] tokens); every array shape is static, so generate.py can jit the prefill and run the decode steps in
 `lax.while_loop`, threading the cache through `apply(..., mutable=["cache"])`.
 """
@@ -57,9 +58,11 @@ class Attention(nn.Module):
       start = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
       v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype), start)
+      k = constrain(k, ("act_batch", None, "act_kv_heads", None))
+      v = constrain(v, ("act_batch", None, "act_kv_heads", None))
       cached_key.value, cached_value.value = k, v
     out = dot_product_attention(q, k, v, mask)
-    return dense(c.width, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj", dtype=self.dtype,
+    return dense(c.width, ("heads", "head_dim", "embed"), num_in=2, name="o_proj", dtype=self.dtype,
                  use_bias=False)(out)
 
 

@@ -39,18 +39,38 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str, dtype: Dtype,
-          axis: int | Sequence[int] = -1, use_bias: bool = True,
-          kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()) -> nn.DenseGeneral:
-  """DenseGeneral with a float32 kernel of Flax layout [*in, *out] named by `axes` (one name per kernel dim).
+class Dense(nn.Module):
+  """y = x . kernel (+ bias): contracts the trailing `len(in_axes)` dims of x with a float32 kernel of Flax
+  layout [*in, *features], whose dims are named by `axes`; the bias (shape `features`) takes the trailing names.
 
-  The bias (shape `features`) takes the trailing names of `axes`.
+  Our own, rather than nn.DenseGeneral: that one initializes a flat 2-D kernel and reshapes it, which breaks
+  logical-partitioning boxes under a global mesh (flax re-runs param inits abstractly to check shapes).
   """
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  num_in: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.num_in, len(self.features)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    shape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
+    kernel = self.param("kernel", logical(init, self.axes), shape, jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros_init(), self.axes[n_in:]), self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str, dtype: Dtype,
+          num_in: int = 1, use_bias: bool = True) -> Dense:
+  """A `Dense` on the trailing `num_in` input dims, e.g. dense((H, hd), ("embed", "heads", "head_dim"))."""
   features = (features,) if isinstance(features, int) else tuple(features)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-      kernel_init=logical(kernel_init, axes),
-      bias_init=logical(nn.initializers.zeros_init(), tuple(axes)[-len(features):]))
+  return Dense(features, tuple(axes), num_in=num_in, use_bias=use_bias, dtype=dtype, name=name)
 
 
 class RMSNorm(nn.Module):

@@ -38,7 +38,7 @@ class SelfAttention(nn.Module):
            for n in ("q", "k", "v")]
     qkv = [constrain(t, ("act_batch", "act_length", "act_heads", None)) for t in qkv]
     out = dot_product_attention(*qkv, mask=mask)
-    return dense(width, ("heads", "head_dim", "vision_embed"), axis=(-2, -1), name="out", dtype=self.dtype)(out)
+    return dense(width, ("heads", "head_dim", "vision_embed"), num_in=2, name="out", dtype=self.dtype)(out)
 
 
 class Mlp(nn.Module):
@@ -100,7 +100,7 @@ class VisionEncoder(nn.Module):
     is_clip = c.kind == "clip"
     x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", use_bias=not is_clip, dtype=self.dtype,
                 param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=logical(nn.initializers.lecun_normal(), ("patch", "patch", "channels", "vision_embed")),
+                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, "channels", "vision_embed")),
                 bias_init=logical(nn.initializers.zeros_init(), ("vision_embed",)))(pixels)
     x = x.reshape(b, -1, width)  # row-major patches, as torch's flatten(2).transpose(1, 2)
     if is_clip:
@@ -148,7 +148,7 @@ class MAPHead(nn.Module):
         jnp.broadcast_to(probe.astype(self.dtype), (b, 1, width)))
     k = dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name="k", dtype=self.dtype)(x)
     v = dense((self.num_heads, head_dim), ("vision_embed", "heads", "head_dim"), name="v", dtype=self.dtype)(x)
-    y = dense(width, ("heads", "head_dim", "vision_embed"), axis=(-2, -1), name="out", dtype=self.dtype)(
+    y = dense(width, ("heads", "head_dim", "vision_embed"), num_in=2, name="out", dtype=self.dtype)(
         dot_product_attention(q, k, v))
     y = y + Mlp(self.mlp_dim, "gelu_tanh", self.dtype, name="mlp")(LayerNorm(1e-6, self.dtype, name="ln")(y))
     return y[:, 0]
