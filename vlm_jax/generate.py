@@ -1,0 +1,176 @@
+"""Batched generation: one prefill over left-padded prompts, then a `lax.while_loop` of cached decode steps.
+
+A request is (images, prompt): images a list of uint8 [h, w, 3] arrays, prompt a string. By default the
+prompt is one user turn in ChatML followed by the generation prompt `<|im_start|>assistant\\n`, its `<image>`
+placeholders expanded exactly as for training (`Preprocessor.to_prompt`; with no placeholders the images go
+first, LLaVA-style). With raw=True the prompt is used verbatim, only `<image>` is expanded.
+
+Shapes stay static so that few programs compile: the prompt length is rounded up to a multiple of
+PROMPT_BUCKET, the cache holds the prompt plus max_new_tokens, and the tile slots are at least data.max_tiles.
+Rows are left-padded (segment 0) and each row's RoPE positions start at 0 on its first real token, so every
+row's next token sits in the same cache slot. A row is done once it emits eos or `<|im_end|>`; done rows keep
+emitting pad (and are cut at their stop token), and the loop ends when all rows are done or after
+max_new_tokens tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.config import Config, ModelConfig
+from vlm_jax.inputs import chat, examples, packing
+from vlm_jax.inputs.images import process_image
+from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
+from vlm_jax.model.vlm import VLM, init_cache
+
+PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """The generated text and its ids, without the stop token."""
+  text: str
+  token_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"Need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}.")
+
+
+def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next ids int32 [B] from logits f32 [B, V]: argmax, or a draw from the temperature-scaled distribution
+  restricted to the top_k ids and to the smallest set of ids whose probability reaches top_p."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep an id while the mass of the ids before it is below top_p (the most likely id always stays).
+    keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_len"))
+def _prefill(params, batch: dict[str, jax.Array], *, model: ModelConfig, cache_len: int):
+  """Left-padded prompts [B, P] -> (logits of the last slot f32 [B, V], the filled cache)."""
+  cache = init_cache(model, batch["input_ids"].shape[0], cache_len)
+  logits, state = VLM(model).apply({"params": params, "cache": cache}, batch, method=VLM.prefill,
+                                   mutable=["cache"])
+  return logits[:, -1], state["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
+def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
+            model: ModelConfig, max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...],
+            pad_id: int) -> jax.Array:
+  """Samples up to max_new_tokens ids per row -> int32 [B, max_new_tokens] (pad after a row's stop token)."""
+  batch = first_logits.shape[0]
+  stops = jnp.asarray(stop_ids, jnp.int32)
+
+  def is_stop(ids):
+    return jnp.any(ids[:, None] == stops[None, :], axis=-1)
+
+  first = sample(first_logits, jax.random.fold_in(rng, 0), sampling)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+
+  def cond(carry):
+    i, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, last, done, out = carry
+    # `last` was generated at step i - 1 and sits at position prompt_length + i - 1 of its row.
+    positions = (prompt_lengths + i - 1)[:, None]
+    logits, state = VLM(model).apply({"params": params, "cache": cache}, last[:, None], positions,
+                                     method=VLM.decode_step, mutable=["cache"])
+    token = jnp.where(done, pad_id, sample(logits[:, 0], jax.random.fold_in(rng, i), sampling))
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+    return i + 1, state["cache"], token, done | is_stop(token), out
+
+  carry = (jnp.asarray(1, jnp.int32), cache, first, is_stop(first), out)
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+class Generator:
+  """Answers requests with a model: `Generator(config, params, tokenizer).generate([(images, prompt)])`."""
+
+  def __init__(self, config: Config, params: Any, tokenizer: Tokenizer):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.preprocessor = examples.Preprocessor(config, tokenizer)  # checks the image id and vocab size
+    self.stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
+
+  def encode(self, images: Sequence[np.ndarray], prompt: str, raw: bool = False) -> dict[str, np.ndarray]:
+    """One request -> {"input_ids" int32 [n], "tiles" float32 [t, H, W, 3]}, as the model will see it."""
+    images = [np.asarray(im) for im in images]
+    if not raw:
+      record = {"id": "request", "images": images, "caption": "",
+                "turns": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
+      example = self.preprocessor.to_prompt(record, assistant_turn=0)
+      return {"input_ids": example["input_ids"], "tiles": example["tiles"]}
+    found = prompt.count(IMAGE_TOKEN)
+    if found != len(images):
+      raise ValueError(f"A raw prompt needs one {IMAGE_TOKEN} per image: it holds {found}, {len(images)} "
+                       f"images came.")
+    processed = [process_image(im, self.config) for im in images]
+    text = chat.expand_images([{"role": "user", "content": prompt}], [p.prompt for p in processed])[0]["content"]
+    size = self.config.model.vision.image_size
+    tiles = (np.concatenate([p.tiles for p in processed]) if processed
+             else np.zeros([0, size, size, 3], np.float32))
+    return {"input_ids": np.asarray(self.tokenizer.encode(text), np.int32), "tiles": tiles}
+
+  def batch(self, encoded: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Encoded requests -> a left-padded batch [B, P] (P rounded up to PROMPT_BUCKET) with tile slots
+    [B, N, H, W, 3], N = max(data.max_tiles, most tiles of a request)."""
+    longest = max(len(e["input_ids"]) for e in encoded)
+    seq_len = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    max_tiles = max([self.config.data.max_tiles] + [len(e["tiles"]) for e in encoded])
+    rows = [packing.pad_example({**e, "labels": e["input_ids"]}, seq_len, max_tiles, self.tokenizer.pad_id,
+                                padding_side="left") for e in encoded]
+    batch = packing.collate(rows)
+    del batch["labels"]
+    return batch
+
+  def generate(self, requests: Sequence[tuple[Sequence[np.ndarray], str]], *, max_new_tokens: int = 32,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               raw: bool = False) -> list[Result]:
+    """Generates for every request (in one batch); returns one Result per request, in order."""
+    if not requests:
+      return []
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    batch = self.batch([self.encode(ims, prompt, raw) for ims, prompt in requests])
+    prompt_lengths = (batch["segment_ids"] > 0).sum(axis=1).astype(np.int32)
+    model = self.config.model
+    logits, cache = _prefill(self.params, batch, model=model,
+                             cache_len=batch["input_ids"].shape[1] + max_new_tokens)
+    out = np.asarray(_decode(self.params, cache, logits, prompt_lengths, jax.random.key(seed), model=model,
+                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
+                             pad_id=self.tokenizer.pad_id))
+    results = []
+    for row in out:
+      stop = np.flatnonzero(np.isin(row, self.stop_ids))
+      ids = [int(i) for i in row[:stop[0] if len(stop) else len(row)]]
+      results.append(Result(self.tokenizer.decode(ids), ids))
+    return results
