@@ -1,0 +1,81 @@
+"""Shared pieces of the HF conversion tests: a sentencepiece tokenizer, random-HF-model perturbation, our model's
+logits + greedy decoding, and HF's.
+
+Import the fixture into a test module (`from fixtures_convert import tokenizer_dir`).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from vlm_jax.inputs.tokenizer import train_sentencepiece
+from vlm_jax.model import vlm
+
+CORPUS = ["What colour is the circle? It is red.\nHow many shapes are there? There are 3 shapes.",
+          "Is there a square on the left?  No, a triangle and a blue circle.\n"] * 40
+GENERATE_STEPS = 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """Our sentencepiece tokenizer (pad 0, unk 1, bos 2, eos 3, `<image>` 4, ChatML, Idefics3 tags), saved our way."""
+  path = tmp_path_factory.mktemp("sp_tokenizer")
+  train_sentencepiece(CORPUS, 400).save(path)
+  return path
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+  """Adds noise to every parameter, so biases are non-zero and norm scales are not 1: a swapped or dropped
+  norm / bias then shows in the logits."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape, generator=gen) * std)
+  return model.eval()
+
+
+def ours_greedy(cfg, params, prompt_ids, pixel_values, steps: int = GENERATE_STEPS):
+  """Our model on one prompt: (prompt logits f32 [n, V], greedy ids int [steps]).
+
+  Full recompute in a fixed [1, n + steps] buffer (slots past the current length carry segment 0, so one jit
+  compile serves every step). pixel_values: NHWC tiles [1, N, H, W, 3].
+  """
+  n = len(prompt_ids)
+  total = n + steps
+  ids = np.zeros((1, total), np.int32)
+  ids[0, :n] = prompt_ids
+  tile_mask = np.ones(pixel_values.shape[:2], bool)
+
+  @jax.jit
+  def forward(params, ids, length):
+    batch = {"input_ids": ids, "segment_ids": (jnp.arange(total) < length).astype(jnp.int32)[None],
+             "positions": jnp.arange(total, dtype=jnp.int32)[None], "pixel_values": pixel_values,
+             "tile_mask": tile_mask}
+    return vlm.VLM(cfg).apply({"params": params}, batch)["logits"][0]
+
+  prompt_logits = np.asarray(forward(params, ids, n))[:n]
+  for t in range(steps):
+    logits = forward(params, ids, n + t)
+    ids[0, n + t] = int(jnp.argmax(logits[n + t - 1]))
+  return prompt_logits, ids[0, n:]
+
+
+def hf_logits_and_greedy(model, prompt_ids, pixel_values, steps: int = GENERATE_STEPS, **extra):
+  """HF's (prompt logits f32 [n, V], greedy ids [steps]); pixel_values as HF wants them (NCHW)."""
+  from transformers import GenerationConfig
+  ids = torch.tensor(np.asarray(prompt_ids)[None], dtype=torch.long)
+  pixels = torch.tensor(np.asarray(pixel_values))
+  with torch.no_grad():
+    logits = model(input_ids=ids, pixel_values=pixels, **extra).logits[0].numpy()
+    out = model.generate(input_ids=ids, pixel_values=pixels, generation_config=GenerationConfig(
+        max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0), **extra)
+  assert out.shape[1] == len(prompt_ids) + steps
+  return logits, out[0, len(prompt_ids):].numpy()
+
+
+def assert_same_state_dicts(a: dict, b: dict) -> None:
+  """Same keys and bit-identical tensors."""
+  assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+  different = [k for k in a if not torch.equal(a[k], b[k])]
+  assert not different, different

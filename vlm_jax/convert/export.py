@@ -1,0 +1,180 @@
+"""Export vlm_jax params to a Hugging Face transformers directory (LLaVA or Idefics3), or a plain torch state_dict.
+
+    export(params, model_config, tokenizer_dir, out_dir, fmt="hf")
+      -> model.safetensors (sharded above max_shard_size), config.json, generation_config.json and the processor
+         (image processor, tokenizer.json as PreTrainedTokenizerFast, ChatML chat template), loadable offline with
+         AutoProcessor / AutoModelForImageTextToText.from_pretrained(out_dir).
+    export(..., fmt="torch") -> model.safetensors (HF key names, no sharding) + name_map.json
+
+Our sentencepiece tokenizers become a tokenizer.json with identical ids (`sentencepiece_to_tokenizers`). One
+difference is inherent to HF: the text "</s>" (or "<s>", "<pad>", "<unk>") typed in a prompt becomes the special
+token there, while sentencepiece spells it out in bytes.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from vlm_jax.config import DataConfig, ModelConfig
+from vlm_jax.convert import hf_config, hf_names
+from vlm_jax.inputs.tokenizer import IM_END, IMAGE_TOKEN, Tokenizer
+
+# ChatML exactly as vlm_jax/inputs/chat.py renders it. Content is a string with `<image>` placeholders, or a
+# list of {"type": "image"} / {"type": "text", "text": ...} parts (what processors' apply_chat_template passes).
+# Newlines are written as {{ '\n' }}-style literals because Jinja drops a newline right after a tag.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>' + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant' + '\\n' -}}{%- endif -%}")
+
+NAME_MAP_FILE = "name_map.json"
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling codes
+
+
+def hf_state_dict(params: Any, cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+  """Our params (scanned or not; jax or numpy arrays on this host) -> {HF in-memory key: torch.Tensor}.
+  Every mapped param must be present; params without an HF counterpart (contrastive head) are left out."""
+  import torch
+  flat = hf_names.flatten(params)
+  out = {}
+  for e in hf_names.model_entries(cfg):
+    if e.ours not in flat:
+      raise KeyError(f"vlm_jax param {e.ours} (-> {e.hf}) is missing from the params being exported.")
+    out[e.hf] = torch.from_numpy(e.to_hf(np.asarray(flat[e.ours], np.float32))).to(getattr(torch, dtype))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def sentencepiece_to_tokenizers(proto: bytes) -> Any:
+  """A sentencepiece unigram model trained the vlm_jax way (identity normalization, no dummy prefix, byte
+  fallback; see inputs/tokenizer.py) -> a `tokenizers.Tokenizer` giving the same ids."""
+  import tokenizers
+  from sentencepiece import sentencepiece_model_pb2
+  from tokenizers import decoders, models, normalizers, pre_tokenizers
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  spec, norm = m.trainer_spec, m.normalizer_spec
+  if spec.model_type != spec.UNIGRAM or norm.add_dummy_prefix or norm.name != "identity" or \
+     spec.treat_whitespace_as_suffix or spec.split_digits:
+    raise hf_config.ConversionError(
+        "Only sentencepiece unigram models with identity normalization, no dummy prefix and no digit splitting "
+        "(vlm_jax.inputs.tokenizer.train_sentencepiece) convert exactly; save this tokenizer as tokenizer.json.")
+  tk = tokenizers.Tokenizer(models.Unigram([(p.piece, p.score) for p in m.pieces], unk_id=spec.unk_id,
+                                           byte_fallback=spec.byte_fallback))
+  tk.normalizer = normalizers.Replace(" ", "▁")
+  # sentencepiece cuts text before each whitespace (split_by_whitespace) and never merges across the cut.
+  tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
+                                              split=spec.split_by_whitespace)
+  tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+  user_defined = m.SentencePiece.Type.USER_DEFINED
+  tk.add_special_tokens([tokenizers.AddedToken(p.piece, special=True, normalized=False)
+                         for p in m.pieces if p.type == user_defined])
+  return tk
+
+
+def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") -> Any:
+  """Our tokenizer directory -> PreTrainedTokenizerFast with its pad/unk/bos/eos roles and the chat template."""
+  from transformers import PreTrainedTokenizerFast
+  import tokenizers
+  tok = Tokenizer.load(tokenizer_dir)
+  if tok.kind == "sentencepiece":
+    backend = sentencepiece_to_tokenizers(tok._sp.serialized_model_proto())
+  else:
+    backend = tokenizers.Tokenizer.from_str(tok._hf.to_str())
+  roles = {f"{r}_token": t for r, t in tok.roles.items() if t is not None}
+  return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, chat_template=CHAT_TEMPLATE,
+                                 **roles)
+
+
+def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig()) -> Any:
+  """LlavaProcessor (one resized tile) or Idefics3Processor (tiles + global image) matching vlm_jax.inputs."""
+  import transformers
+  v = cfg.vision
+  common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std), resample=_RESAMPLE[data.resample],
+                do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
+  if hf_config.check_exportable(cfg) == "llava":
+    image_processor = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                                           do_resize=True, **common)
+    strategy = v.select_strategy if v.kind == "clip" else "full"
+    return transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=v.patch_size,
+        vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if v.kind == "clip" else 0)
+  image_processor = transformers.Idefics3ImageProcessorPil(
+      size={"longest_edge": data.max_image_size or 4 * v.image_size}, max_image_size={"longest_edge": v.image_size},
+      do_image_splitting=data.image_splitting, do_resize=True, **common)
+  return transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                        image_seq_len=cfg.image_tokens_per_tile, chat_template=CHAT_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+
+
+def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.Path, out_dir: str | pathlib.Path,
+           *, dtype: str = "float32", fmt: str = "hf", data: DataConfig = DataConfig(), padding_side: str = "left",
+           max_shard_size: str = "5GB") -> pathlib.Path:
+  """Writes `out_dir` (see the module docstring) and returns it.
+
+  params: the model's params (scanned or unscanned), fully addressable on this host (gather them first on a
+  multi-host mesh). dtype: float32 | bfloat16 | float16 of the written tensors. data: image processor settings
+  (resample, max_image_size, image_splitting). padding_side: of the exported tokenizer (left for batched
+  generation).
+  """
+  import torch
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  if fmt not in ("hf", "torch"):
+    raise ValueError(f"fmt={fmt!r}: choose 'hf' (transformers directory) or 'torch' (plain state_dict).")
+  family = hf_config.check_exportable(model_config)
+  state = hf_state_dict(params, model_config, dtype)
+  if fmt == "torch":
+    from safetensors.torch import save_file
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "family": family})
+    entries = [dict(ours=e.ours, hf=e.hf, transform=e.transform, shape=list(e.shape), n_in=e.n_in)
+               for e in hf_names.model_entries(model_config)]
+    (out / NAME_MAP_FILE).write_text(json.dumps({"family": family, "entries": entries}, indent=1) + "\n")
+    return out
+
+  import transformers
+  tokenizer = hf_tokenizer(tokenizer_dir, padding_side)
+  ours = Tokenizer.load(tokenizer_dir)
+  if ours.image_id != model_config.image_token_id:
+    raise hf_config.ConversionError(f"The tokenizer's {IMAGE_TOKEN} id is {ours.image_id} but "
+                                    f"model.image_token_id={model_config.image_token_id}.")
+  if ours.vocab_size > model_config.decoder.vocab_size:
+    raise hf_config.ConversionError(f"The tokenizer has {ours.vocab_size} tokens, more than the decoder's "
+                                    f"vocab_size={model_config.decoder.vocab_size}.")
+  eos = eos_ids(ours)
+  ids = dict(bos_id=ours.bos_id, eos_id=eos, pad_id=ours.pad_id)
+  config = hf_config.to_hf(model_config, **ids)
+  config.dtype = dtype
+  with torch.device("meta"):
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+  if model_config.decoder.tie_embeddings:  # HF lists the tied head as its own key
+    state["lm_head.weight"] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
+  model.load_state_dict(state, strict=True, assign=True)  # raises on any missing / unexpected key
+  model.tie_weights()
+  model.generation_config = transformers.GenerationConfig(
+      bos_token_id=ids["bos_id"], eos_token_id=eos, pad_token_id=ids["pad_id"])
+  model.save_pretrained(out, max_shard_size=max_shard_size)
+  hf_processor(model_config, tokenizer, data).save_pretrained(out)
+  return out
+
+
+def eos_ids(tokenizer: Tokenizer) -> list[int]:
+  """Ids generation stops at: `<|im_end|>` (ChatML turn end) and the tokenizer's eos."""
+  return [tokenizer.token_to_id(IM_END)] + ([tokenizer.eos_id] if tokenizer.roles.get("eos") else [])
