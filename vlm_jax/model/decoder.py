@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from vlm_jax.config import DecoderConfig
 from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
-from vlm_jax.model.layers import RMSNorm, constrain, dense, logical, stack_layers
+from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, stack_layers
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -106,8 +106,7 @@ class Decoder(nn.Module):
                decode: bool = False) -> tuple[jax.Array, jax.Array]:
     """input_ids, segment_ids, positions: int [B, S] -> (logits float32 [B, S, V], final hidden [B, S, D])."""
     c = self.config
-    embed = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32, name="embed",
-                     embedding_init=logical(nn.initializers.normal(0.02), ("table_vocab", "embed")))
+    embed = Embed(c.vocab_size, c.width, "embed", self.dtype, name="embed")
     x = embed(input_ids)
     if replace is not None:
       where, values = replace

@@ -73,6 +73,32 @@ def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: st
   return Dense(features, tuple(axes), num_in=num_in, use_bias=use_bias, dtype=dtype, name=name)
 
 
+class Embed(nn.Module):
+  """Token embedding table [num_embeddings, features] named (table_vocab, `axis`) for sharding.
+
+  The lookup first gathers the whole table onto every device (FSDP-style weight all-gather): gathering rows
+  of a table sharded on its feature axis into batch-sharded activations otherwise makes XLA replicate
+  the result ("Involuntary full rematerialization").
+  """
+  num_embeddings: int
+  features: int
+  axis: str = "embed"
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", logical(nn.initializers.normal(0.02), ("table_vocab", self.axis)),
+                                (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """ids int [...] -> [..., features] in the compute dtype."""
+    table = constrain(self.embedding.astype(self.dtype), ("table_vocab", None))
+    return jnp.take(table, ids, axis=0)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Tied output head: x [..., features] -> [..., num_embeddings]."""
+    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+
+
 class RMSNorm(nn.Module):
   """Llama RMSNorm with HF numerics: normalize in float32, cast to the compute dtype, then scale."""
   eps: float

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from vlm_jax.config import ContrastiveConfig
 from vlm_jax.model.attention import make_attention_mask
-from vlm_jax.model.layers import LayerNorm, constrain, logical, stack_layers
+from vlm_jax.model.layers import Embed, LayerNorm, constrain, logical, stack_layers
 from vlm_jax.model.vision import EncoderBlock
 
 LAYER_NORM_EPS = 1e-6
@@ -35,8 +35,7 @@ class TextEncoder(nn.Module):
     length = text_ids.shape[1]
     if length > c.max_text_len:
       raise ValueError(f"text length {length} exceeds contrastive.max_text_len={c.max_text_len}.")
-    x = nn.Embed(self.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32, name="embed",
-                 embedding_init=logical(nn.initializers.normal(0.02), ("table_vocab", "vision_embed")))(text_ids)
+    x = Embed(self.vocab_size, c.width, "vision_embed", self.dtype, name="embed")(text_ids)
     pos = self.param("pos_embed", logical(nn.initializers.normal(0.01), ("positions", "vision_embed")),
                      (c.max_text_len, c.width), jnp.float32)
     x = constrain(x + pos[:length].astype(self.dtype), ("act_batch", "act_length", "act_embed"))
