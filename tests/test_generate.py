@@ -53,9 +53,9 @@ def _forward(model):
   return jax.jit(lambda p, b: VLM(model).apply({"params": p}, b)["logits"])
 
 
-def reference(generator: Generator, params, images, prompt, max_new_tokens, length=64):
+def reference(generator: Generator, params, images, prompt, max_new_tokens, length=64, vocab=None):
   """Greedy decoding by full recomputation: the whole (right-padded, unpadded at the left) sequence through
-  the model's plain forward pass for every new token, stopping at eos / <|im_end|>."""
+  the model's plain forward pass for every new token, stopping at eos / <|im_end|>; ids < vocab if given."""
   encoded = generator.encode(images, prompt)
   ids = [int(i) for i in encoded["input_ids"]]
   n_prompt = len(ids)
@@ -69,7 +69,7 @@ def reference(generator: Generator, params, images, prompt, max_new_tokens, leng
     batch["input_ids"][0, :n] = ids
     batch["segment_ids"][0, :n] = 1
     batch["positions"][0, :n] = np.arange(n)
-    token = int(np.argmax(np.asarray(_forward(generator.config.model)(params, batch))[0, n - 1]))
+    token = int(np.argmax(np.asarray(_forward(generator.config.model)(params, batch))[0, n - 1, :vocab]))
     if token in generator.stop_ids:
       break
     ids.append(token)
@@ -151,6 +151,26 @@ def test_stop_tokens():
   assert max(len(r.token_ids) for r in out) > k  # a finished row rode along while others decoded
   # max_new_tokens caps the length.
   assert [r.token_ids for r in gen.generate(REQUESTS, max_new_tokens=3)] == [r.token_ids[:3] for r in free]
+
+
+def test_ids_beyond_the_tokenizer_are_never_generated():
+  _, _, tok = setup()
+  vocab = tok.vocab_size
+  config = tiny_config(vocab + 10)  # a model vocab padded beyond the tokenizer's
+  params = init_params(config.model, jax.random.key(1))
+  gen = Generator(config, params, tok)
+  first = reference(gen, params, *REQUESTS[1], 1, vocab=vocab)[0]
+  # The padded ids score 3x the best real id: unrestricted argmax would pick them.
+  kernel = params["decoder"]["lm_head"]["kernel"]
+  kernel = kernel.at[:, vocab:].set(3 * kernel[:, first:first + 1])
+  params = {**params, "decoder": {**params["decoder"], "lm_head": {"kernel": kernel}}}
+  assert reference(gen, params, *REQUESTS[1], 1)[0] >= vocab
+  gen = Generator(config, params, tok)
+  out = gen.generate(REQUESTS, max_new_tokens=6)
+  assert [r.token_ids for r in out] == [reference(gen, params, ims, p, 6, vocab=vocab) for ims, p in REQUESTS]
+  assert all(0 <= i < vocab for r in out for i in r.token_ids) and sum(len(r.token_ids) for r in out) > 0
+  sampled = gen.generate(REQUESTS, max_new_tokens=6, temperature=2.0, seed=5)
+  assert all(0 <= i < vocab for r in sampled for i in r.token_ids)
 
 
 def test_sampling_seeds_and_top_k_one():

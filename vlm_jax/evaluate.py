@@ -2,17 +2,31 @@
 
 `evaluate(...)` asks a generator for answers to every question of a split, once with the real images and
 once blind, and writes `W/eval/results.json` and a PNG grid of samples. Scoring functions are pure.
+
+How questions are asked: each assistant turn of a record is one question, asked on its own as a single user
+turn (`<image>\n` per record image, then the question text; greedy decoding), not after the record's earlier
+questions and answers. The answer then depends on the images and that question only, every question is scored
+under the same conditions whatever its place in the record, and the prompt has the shape of a record's first
+turn in training. The blind pass asks the same questions with every image replaced by a mid-grey image of
+the same size (same prompt, same tiles), so `accuracy - blind_accuracy` is what the images contribute.
+The caption score asks with the `caption` training task's prompt (user turn `<image>`, the first image) and
+compares to the record's caption by token F1.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import pathlib
 import re
 import string
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import tqdm
+
+from vlm_jax.inputs.images import grey_image
+from vlm_jax.inputs.tokenizer import IMAGE_TOKEN
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = {"a", "an", "the"}
@@ -93,3 +107,121 @@ def write_results(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
 
 
 Answerer = Callable[[list[dict]], list[str]]  # questions (images, prompt turns) -> answers
+
+
+ANSWER_TOKENS = 8  # shapes_vqa answers are one word
+CAPTION_TOKENS = 64
+GRID_SAMPLES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  """One typed question of a record, as a request: images uint8 [h, w, 3] each, prompt one user turn."""
+  images: list[np.ndarray]
+  prompt: str
+  answer: str
+  type: str
+  record_id: str
+
+  @property
+  def text(self) -> str:
+    """The question without its image marks."""
+    return self.prompt.replace(IMAGE_TOKEN, "").strip()
+
+
+def questions(records: Iterable[dict]) -> list[Question]:
+  """Every assistant turn of every record as a standalone Question (its user turn without the record's
+  `<image>` marks, `<image>\n` per record image in front)."""
+  out = []
+  for record in records:
+    turns, types = record["turns"], iter(record["question_types"])
+    for i, turn in enumerate(turns):
+      if turn["role"] != "assistant":
+        continue
+      qtype = next(types, "")
+      if i == 0 or turns[i - 1]["role"] != "user":
+        continue
+      text = turns[i - 1]["content"].replace(IMAGE_TOKEN, "").strip()
+      prompt = f"{IMAGE_TOKEN}\n" * len(record["images"]) + text
+      out.append(Question(list(record["images"]), prompt, turn["content"], qtype, record["id"]))
+  return out
+
+
+def blind(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """Each image replaced by mid-grey pixels of its own size (so prompts and tile counts stay the same)."""
+  return [np.broadcast_to(grey_image(1), np.shape(im)).copy() for im in images]
+
+
+def _answers(generator: Any, requests: list[tuple[list[np.ndarray], str]], max_new_tokens: int,
+             batch_size: int, bar: tqdm.tqdm) -> list[str]:
+  out = []
+  for start in range(0, len(requests), batch_size):
+    chunk = requests[start:start + batch_size]
+    out += [r.text for r in generator.generate(chunk, max_new_tokens=max_new_tokens)]
+    bar.update(len(chunk))
+  return out
+
+
+def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16,
+          progress: bool = True) -> tuple[dict, list[tuple[np.ndarray, str]]]:
+  """Asks `generator` (anything with `generate(requests, max_new_tokens=...) -> [Result]`, greedy) every
+  question with images and blind, and a caption per record.
+
+  Returns (results, samples): results {"accuracy": {type: x, "overall": x}, "blind_accuracy": {...},
+  "caption_f1": x, "n": questions}; samples ~GRID_SAMPLES (image uint8 [h, w, 3], text) for the grid.
+  """
+  qs = questions(records)
+  captioned = [r for r in records if r["images"] and r["caption"]]
+  with tqdm.tqdm(total=2 * len(qs) + len(captioned), desc="eval", unit="q", disable=not progress) as bar:
+    answers = _answers(generator, [(q.images, q.prompt) for q in qs], ANSWER_TOKENS, batch_size, bar)
+    blind_answers = _answers(generator, [(blind(q.images), q.prompt) for q in qs], ANSWER_TOKENS, batch_size,
+                             bar)
+    captions = _answers(generator, [(r["images"][:1], IMAGE_TOKEN) for r in captioned], CAPTION_TOKENS,
+                        batch_size, bar)
+  types = [q.type for q in qs]
+  results = {
+      "accuracy": accuracy_by_type(types, [exact_match(a, q.answer) for a, q in zip(answers, qs)]),
+      "blind_accuracy": accuracy_by_type(types, [exact_match(a, q.answer) for a, q in zip(blind_answers, qs)]),
+      "caption_f1": float(np.mean([token_f1(c, r["caption"]) for c, r in zip(captions, captioned)]))
+                    if captioned else 0.0,
+      "n": len(qs),
+  }
+  picks = np.unique(np.linspace(0, len(qs) - 1, min(GRID_SAMPLES, len(qs))).astype(int)) if qs else []
+  samples = [(side_by_side(qs[i].images), f"got {answers[i]} | ref {qs[i].answer} | {qs[i].text}") for i in picks]
+  return results, samples
+
+
+def side_by_side(images: Sequence[np.ndarray]) -> np.ndarray:
+  """The images of a question in one uint8 [h, w, 3] picture (white gap, bottoms padded white)."""
+  if not images:
+    return np.full((8, 8, 3), 255, np.uint8)
+  height = max(np.shape(im)[0] for im in images)
+  parts = []
+  for im in images:
+    parts += [np.pad(np.asarray(im, np.uint8), ((0, height - np.shape(im)[0]), (0, 0), (0, 0)),
+                     constant_values=255), np.full((height, 4, 3), 255, np.uint8)]
+  return np.concatenate(parts[:-1], axis=1)
+
+
+def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
+             data_dir: str | None = None, stage: str | None = None, dataset: str | None = None,
+             generator: Any = None, progress: bool = True) -> dict:
+  """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
+  `dataset` (default the first dataset of its last conversation stage), the first `limit` records only if
+  given. Writes W/eval/results.json and W/eval/samples.png; returns the results (see `score`)."""
+  # pylint: disable=import-outside-toplevel  (model, checkpoint and TFDS imports only when evaluating)
+  from vlm_jax import workdir as workdir_lib
+  from vlm_jax.generate import Generator
+  from vlm_jax.inputs import loader
+  config = workdir_lib.read_config(workdir)
+  if generator is None:
+    generator = Generator(*workdir_lib.load(workdir, stage))
+  if dataset is None:
+    stages = [s for s in config.train.stages if s.task == "conversation"] or list(config.train.stages)
+    dataset = stages[-1].datasets[0][0]
+  source = loader.data_source(dataset, split, data_dir or config.data.data_dir)
+  records = [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]
+  results, samples = score(generator, records, batch_size=batch_size, progress=progress)
+  write_results(workdir, results)
+  save_grid(pathlib.Path(workdir) / "eval" / "samples.png", [im for im, _ in samples], [t for _, t in samples])
+  return results

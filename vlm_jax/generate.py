@@ -78,18 +78,24 @@ def _prefill(params, batch: dict[str, jax.Array], *, model: ModelConfig, cache_l
   return logits[:, -1], state["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "pad_id",
+                                             "vocab_size"))
 def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
             model: ModelConfig, max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...],
-            pad_id: int) -> jax.Array:
-  """Samples up to max_new_tokens ids per row -> int32 [B, max_new_tokens] (pad after a row's stop token)."""
+            pad_id: int, vocab_size: int) -> jax.Array:
+  """Samples up to max_new_tokens ids per row -> int32 [B, max_new_tokens] (pad after a row's stop token).
+  Only ids below `vocab_size` (the tokenizer's) are drawn: the model's vocab may be padded beyond it."""
   batch = first_logits.shape[0]
   stops = jnp.asarray(stop_ids, jnp.int32)
+  known = jnp.arange(first_logits.shape[-1]) < vocab_size
+
+  def next_token(logits, i):
+    return sample(jnp.where(known, logits, -jnp.inf), jax.random.fold_in(rng, i), sampling)
 
   def is_stop(ids):
     return jnp.any(ids[:, None] == stops[None, :], axis=-1)
 
-  first = sample(first_logits, jax.random.fold_in(rng, 0), sampling)
+  first = next_token(first_logits, 0)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
   def cond(carry):
@@ -102,7 +108,7 @@ def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, r
     positions = (prompt_lengths + i - 1)[:, None]
     logits, state = VLM(model).apply({"params": params, "cache": cache}, last[:, None], positions,
                                      method=VLM.decode_step, mutable=["cache"])
-    token = jnp.where(done, pad_id, sample(logits[:, 0], jax.random.fold_in(rng, i), sampling))
+    token = jnp.where(done, pad_id, next_token(logits[:, 0], i))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
     return i + 1, state["cache"], token, done | is_stop(token), out
 
@@ -167,7 +173,7 @@ class Generator:
                              cache_len=batch["input_ids"].shape[1] + max_new_tokens)
     out = np.asarray(_decode(self.params, cache, logits, prompt_lengths, jax.random.key(seed), model=model,
                              max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
-                             pad_id=self.tokenizer.pad_id))
+                             pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size))
     results = []
     for row in out:
       stop = np.flatnonzero(np.isin(row, self.stop_ids))
