@@ -3,7 +3,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,5 +131,5 @@ def test_fuyu_linear_patch_embedding():
   for i in range(2):  # Fuyu's patchify: patches row-major, each flattened as (row, col, channel)
     for j in range(2):
       patch = pixels[0, i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, :].reshape(-1)
-      np.testing.assert_allclose(out[0, i * 2 + j], patch @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"],
-                                 atol=1e-5)
+      expected = patch @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"]
+      np.testing.assert_allclose(out[0, i * 2 + j], expected, atol=1e-5)

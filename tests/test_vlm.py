@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding
 from vlm_jax.config import (ContrastiveConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,

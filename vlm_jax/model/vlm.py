@@ -96,9 +96,10 @@ class VLM(nn.Module):
     logits, hidden = self.decoder(batch["input_ids"], batch["segment_ids"], batch["positions"],
                                   replace=self._replace(batch))
     if self.is_initializing() and self.config.contrastive.enabled:
-      b = batch["input_ids"].shape[0]
+      v, b = self.config.vision, batch["input_ids"].shape[0]
       text = jnp.zeros((b, self.config.contrastive.max_text_len), jnp.int32)
-      self.contrastive_embeddings(batch["pixel_values"][:, 0], text, text == 0)
+      pixels = jnp.zeros((b, v.image_size, v.image_size, v.num_channels), jnp.float32)
+      self.contrastive_embeddings(pixels, text, text == 0)  # creates contrastive/ params
     out = {"logits": logits}
     if return_hidden_states:
       out["hidden_states"] = hidden
