@@ -99,8 +99,13 @@ def save_grid(path: str | pathlib.Path, images: Iterable[np.ndarray], captions: 
   canvas.save(path)
 
 
+def results_path(workdir: str | pathlib.Path) -> pathlib.Path:
+  """W/eval/results.json."""
+  return pathlib.Path(workdir) / "eval" / "results.json"
+
+
 def write_results(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
-  out = pathlib.Path(workdir) / "eval" / "results.json"
+  out = results_path(workdir)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2, sort_keys=True))
   return out

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from vlm_jax.config import Config, ModelConfig
 from vlm_jax.inputs import chat, examples, packing
@@ -114,6 +115,13 @@ def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, r
 
   carry = (jnp.asarray(1, jnp.int32), cache, first, is_stop(first), out)
   return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file (local or gs://) as uint8 [h, w, 3] RGB."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  with epath.Path(path).expanduser().open("rb") as f:
+    return np.asarray(Image.open(f).convert("RGB"))
 
 
 class Generator:

@@ -1,0 +1,67 @@
+"""`vlm-jax generate` and `vlm-jax eval` on a workdir built in the test: same output as the Python API."""
+import json
+
+import numpy as np
+import pytest
+from fixtures_data import SHAPES_TINY, shapes_data_dir  # noqa: F401  (pytest fixture)
+from fixtures_workdir import make_workdir, tiny_config
+from PIL import Image
+
+from vlm_jax import cli, datasets, evaluate, workdir
+from vlm_jax.generate import Generator
+from vlm_jax.inputs.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data_dir, tmp_path_factory):
+  """A workdir with both stages finished (random params) and two image files."""
+  root = tmp_path_factory.mktemp("cli")
+  tok = Tokenizer.load(datasets.get_builder(SHAPES_TINY, shapes_data_dir).data_path / "tokenizer")
+  make_workdir(root / "w", tiny_config(512, shapes_data_dir, SHAPES_TINY), tok, finished=("align", "instruct"))
+  rng = np.random.RandomState(0)
+  images = [rng.randint(0, 256, (20, 30, 3)).astype(np.uint8), rng.randint(0, 256, (48, 64, 3)).astype(np.uint8)]
+  paths = []
+  for i, im in enumerate(images):
+    paths.append(str(root / f"{i}.png"))
+    Image.fromarray(im).save(paths[-1])
+  return str(root / "w"), paths, images
+
+
+def _run(capsys, argv):
+  assert cli.main(argv) == 0
+  return capsys.readouterr().out
+
+
+def test_generate_json_equals_the_python_api(trained, capsys):
+  w, paths, images = trained
+  generator = Generator(*workdir.load(w))
+  prompt = "<image>\nWhat colour is the circle?"
+  want = generator.generate([(images[:1], prompt)], max_new_tokens=6)[0]
+  out = json.loads(_run(capsys, ["generate", "--workdir", w, "--image", paths[0], "--prompt", prompt,
+                                 "--max-new-tokens", "6", "--json"]))
+  assert out == {"text": want.text, "token_ids": want.token_ids} and len(want.token_ids) > 0
+  assert _run(capsys, ["generate", "--workdir", w, "--image", paths[0], "--prompt", prompt,
+                       "--max-new-tokens", "6"]) == want.text + "\n"
+
+  # Two images, sampling flags, a named stage, and --raw all reach the API.
+  align = Generator(*workdir.load(w, "align"))
+  sampled = align.generate([(images, "Is there a red star?")], max_new_tokens=5, temperature=1.5, top_k=20,
+                           top_p=0.9, seed=3)[0]
+  out = json.loads(_run(capsys, ["generate", "--workdir", w, "--stage", "align", "--image", paths[0], "--image",
+                                 paths[1], "--prompt", "Is there a red star?", "--max-new-tokens", "5",
+                                 "--temperature", "1.5", "--top-k", "20", "--top-p", "0.9", "--seed", "3",
+                                 "--json"]))
+  assert out["token_ids"] == sampled.token_ids
+  assert sampled.token_ids != align.generate([(images, "Is there a red star?")], max_new_tokens=5)[0].token_ids
+  raw = generator.generate([(images[:1], "<image> a")], max_new_tokens=4, raw=True)[0]
+  out = json.loads(_run(capsys, ["generate", "--workdir", w, "--image", paths[0], "--prompt", "<image> a",
+                                 "--raw", "--max-new-tokens", "4", "--json"]))
+  assert out["token_ids"] == raw.token_ids
+
+
+def test_eval_prints_the_table_and_the_results_path(trained, capsys):
+  w, _, _ = trained
+  out = _run(capsys, ["eval", "--workdir", w, "--limit", "3", "--batch-size", "4"])
+  results = json.loads(evaluate.results_path(w).read_text())
+  assert results["n"] == 9
+  assert out == evaluate.format_table(results) + f"\nresults: {evaluate.results_path(w)}\n"
