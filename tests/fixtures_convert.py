@@ -1,5 +1,5 @@
-"""Shared pieces of the HF conversion tests: a sentencepiece tokenizer, random-HF-model perturbation, our model's
-logits + greedy decoding, and HF's.
+"""Shared pieces of the HF conversion tests: a sentencepiece tokenizer, random-HF-model perturbation, a tiny random
+LLaVA, our model's logits + greedy decoding, and HF's.
 
 Import the fixture into a test module (`from fixtures_convert import tokenizer_dir`).
 """
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from vlm_jax.inputs.tokenizer import train_sentencepiece
 from vlm_jax.model import vlm
@@ -15,6 +16,7 @@ from vlm_jax.model import vlm
 CORPUS = ["What colour is the circle? It is red.\nHow many shapes are there? There are 3 shapes.",
           "Is there a square on the left?  No, a triangle and a blue circle.\n"] * 40
 GENERATE_STEPS = 20
+IMAGE_TOKEN_ID = 4  # our sentencepiece tokenizer's `<image>`
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,26 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
     for p in model.parameters():
       p.add_(torch.randn(p.shape, generator=gen) * std)
   return model.eval()
+
+
+def build_llava(kind: str, vocab_size: int) -> LlavaForConditionalGeneration:
+  """Random LLaVA: 'siglip' (no head, 'full', layer -1) or 'clip' ('default', layer -2); 32 px, patch 8 (16 image
+  tokens), ViT 32x2, decoder 64x2 with GQA 4/2."""
+  torch.manual_seed(0)
+  text = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=2,
+                     eos_token_id=3, pad_token_id=0)
+  common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8)
+  if kind == "siglip":
+    vision, layer, strategy = SiglipVisionConfig(**common, layer_norm_eps=1e-6, vision_use_head=False), -1, "full"
+  else:
+    vision, layer, strategy = CLIPVisionConfig(**common, layer_norm_eps=1e-5), -2, "default"
+  config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                       vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                       projector_hidden_act="gelu")
+  return randomize(LlavaForConditionalGeneration(config))
 
 
 def ours_greedy(cfg, params, prompt_ids, pixel_values, steps: int = GENERATE_STEPS):

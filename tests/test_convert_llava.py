@@ -7,37 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, SiglipVisionConfig)
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from fixtures_convert import (assert_same_state_dicts, hf_logits_and_greedy, ours_greedy, randomize,
+from fixtures_convert import (IMAGE_TOKEN_ID, assert_same_state_dicts, build_llava, hf_logits_and_greedy, ours_greedy,
                               tokenizer_dir)  # noqa: F401  (fixture)
 from vlm_jax.config import Config, DataConfig
 from vlm_jax.convert import export, load
 from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import Tokenizer
 
-IMAGE_TOKEN_ID = 4  # our sentencepiece tokenizer's `<image>`
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TURNS = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
-
-
-def build_llava(kind: str, vocab_size: int) -> LlavaForConditionalGeneration:
-  torch.manual_seed(0)
-  text = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=2,
-                     eos_token_id=3, pad_token_id=0)
-  common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                patch_size=8)
-  if kind == "siglip":
-    vision, layer, strategy = SiglipVisionConfig(**common, layer_norm_eps=1e-6, vision_use_head=False), -1, "full"
-  else:
-    vision, layer, strategy = CLIPVisionConfig(**common, layer_norm_eps=1e-5), -2, "default"
-  config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                       vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                       projector_hidden_act="gelu")
-  return randomize(LlavaForConditionalGeneration(config))
 
 
 @pytest.fixture(scope="module")
