@@ -126,6 +126,18 @@ def test_greedy_with_cache_equals_full_recomputation_and_batch_equals_alone():
   assert len({tuple(e) for e in expected}) == 3  # the rows really differ
 
 
+def test_rows_and_prompt_lengths_are_bucketed():
+  config, params, tok = setup()
+  gen = Generator(config, params, tok)
+  from vlm_jax import generate
+  first = gen.generate(REQUESTS, max_new_tokens=5)
+  compiled = generate._prefill._cache_size(), generate._decode._cache_size()  # pylint: disable=protected-access
+  # 4 rows share the 3-row program (3 -> 4); a slightly longer prompt stays in the same 16-token bucket.
+  more = gen.generate(REQUESTS + [(REQUESTS[1][0], REQUESTS[1][1] + " Yes?")], max_new_tokens=5)
+  assert (generate._prefill._cache_size(), generate._decode._cache_size()) == compiled
+  assert [r.token_ids for r in more[:3]] == [r.token_ids for r in first] and len(more) == 4
+
+
 def swap_columns(params, a, b):
   """Params whose lm_head scores id a as it scored id b and vice versa."""
   kernel = params["decoder"]["lm_head"]["kernel"]

@@ -5,8 +5,9 @@ prompt is one user turn in ChatML followed by the generation prompt `<|im_start|
 placeholders expanded exactly as for training (`Preprocessor.to_prompt`; with no placeholders the images go
 first, LLaVA-style). With raw=True the prompt is used verbatim, only `<image>` is expanded.
 
-Shapes stay static so that few programs compile: the prompt length is rounded up to a multiple of
-PROMPT_BUCKET, the cache holds the prompt plus max_new_tokens, and the tile slots are at least data.max_tiles.
+Shapes stay static so that few programs compile: the rows are rounded up to a power of two, the prompt
+length to a multiple of PROMPT_BUCKET, the cache holds the prompt plus max_new_tokens, and the tile slots are
+at least data.max_tiles.
 Rows are left-padded (segment 0) and each row's RoPE positions start at 0 on its first real token, so every
 row's next token sits in the same cache slot. A row is done once it emits eos or `<|im_end|>`; done rows keep
 emitting pad (and are cut at their stop token), and the loop ends when all rows are done or after
@@ -174,7 +175,10 @@ class Generator:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
-    batch = self.batch([self.encode(ims, prompt, raw) for ims, prompt in requests])
+    encoded = [self.encode(ims, prompt, raw) for ims, prompt in requests]
+    # Rows are rounded up to a power of two with copies of the first request (dropped below): few shapes.
+    rows = 1 << (len(encoded) - 1).bit_length()
+    batch = self.batch(encoded + encoded[:1] * (rows - len(encoded)))
     prompt_lengths = (batch["segment_ids"] > 0).sum(axis=1).astype(np.int32)
     model = self.config.model
     logits, cache = _prefill(self.params, batch, model=model,
@@ -183,7 +187,7 @@ class Generator:
                              max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
                              pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size))
     results = []
-    for row in out:
+    for row in out[:len(requests)]:
       stop = np.flatnonzero(np.isin(row, self.stop_ids))
       ids = [int(i) for i in row[:stop[0] if len(stop) else len(row)]]
       results.append(Result(self.tokenizer.decode(ids), ids))
