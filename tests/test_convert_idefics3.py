@@ -13,6 +13,7 @@ from fixtures_convert import (assert_same_state_dicts, hf_logits_and_greedy, our
                               tokenizer_dir)  # noqa: F401  (fixture)
 from vlm_jax.config import Config, DataConfig
 from vlm_jax.convert import export, load
+from vlm_jax.generate import Generator
 from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import Tokenizer
 
@@ -87,7 +88,8 @@ def test_idefics3_export_processor_generates_like_ours(exported, tokenizer_dir, 
   model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
+  messages = [{"role": "user",
+               "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
   text = processor.apply_chat_template(messages, add_generation_prompt=True)
   assert text == chat.render_text(TURNS, ["<image>"], generation_prompt=True)
   inputs = processor(images=[image], text=[text], return_tensors="pt")
@@ -103,4 +105,9 @@ def test_idefics3_export_processor_generates_like_ours(exported, tokenizer_dir, 
   # HF stops at <|im_end|> / eos (generation_config.json); ours ran the full length.
   assert len(generated) >= 1
   np.testing.assert_array_equal(generated, ours[:len(generated)])
-  assert len(generated) == len(ours) or generated[-1] in {tok.im_end_id, tok.eos_id}
+  stops = {tok.im_end_id, tok.eos_id}
+  assert len(generated) == len(ours) or generated[-1] in stops
+  # vlm_jax.generate (KV cache, stops at the same ids, drops the stop token) from the raw image and prompt.
+  result = Generator(Config(model=cfg, data=DATA), params, tok).generate(
+      [([image], TURNS[0]["content"])], max_new_tokens=len(ours))[0]
+  assert result.token_ids == (generated[:-1] if generated[-1] in stops else generated).tolist()

@@ -13,6 +13,7 @@ from fixtures_convert import (IMAGE_TOKEN_ID, assert_same_state_dicts, build_lla
                               tokenizer_dir)  # noqa: F401  (fixture)
 from vlm_jax.config import Config, DataConfig
 from vlm_jax.convert import export, load
+from vlm_jax.generate import Generator
 from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import Tokenizer
 
@@ -97,7 +98,8 @@ def test_llava_export_processor_generates_like_ours(exported, tokenizer_dir, mon
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   assert processor.tokenizer.padding_side == "left"
   image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-  messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
+  messages = [{"role": "user",
+               "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
   text = processor.apply_chat_template(messages, add_generation_prompt=True)
   assert text == chat.render_text(TURNS, ["<image>"], generation_prompt=True)
   inputs = processor(images=[image], text=[text], return_tensors="pt")
@@ -116,3 +118,7 @@ def test_llava_export_processor_generates_like_ours(exported, tokenizer_dir, mon
   np.testing.assert_array_equal(generated, ours[:len(generated)])
   stops = {tok.im_end_id, tok.eos_id}
   assert len(generated) == len(ours) or generated[-1] in stops
+  # vlm_jax.generate (KV cache, stops at the same ids, drops the stop token) from the raw image and prompt.
+  result = Generator(Config(model=cfg, data=DataConfig(resample="bicubic")), params, tok).generate(
+      [([image], TURNS[0]["content"])], max_new_tokens=len(ours))[0]
+  assert result.token_ids == (generated[:-1] if generated[-1] in stops else generated).tolist()

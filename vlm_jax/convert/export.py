@@ -38,7 +38,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant' + '\\n' -}}{%- endif -%}")
 
 NAME_MAP_FILE = "name_map.json"
-_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling codes
 
 
 def hf_state_dict(params: Any, cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -89,11 +88,12 @@ def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") 
   """Our tokenizer directory -> PreTrainedTokenizerFast with its pad/unk/bos/eos roles and the chat template."""
   from transformers import PreTrainedTokenizerFast
   import tokenizers
-  tok = Tokenizer.load(tokenizer_dir)
+  tokenizer_dir = pathlib.Path(tokenizer_dir)
+  tok = Tokenizer.load(tokenizer_dir)  # same file choice as here: tokenizer.model before tokenizer.json
   if tok.kind == "sentencepiece":
-    backend = sentencepiece_to_tokenizers(tok._sp.serialized_model_proto())
+    backend = sentencepiece_to_tokenizers((tokenizer_dir / "tokenizer.model").read_bytes())
   else:
-    backend = tokenizers.Tokenizer.from_str(tok._hf.to_str())
+    backend = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
   roles = {f"{r}_token": t for r, t in tok.roles.items() if t is not None}
   return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, chat_template=CHAT_TEMPLATE,
                                  **roles)
@@ -103,8 +103,9 @@ def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig
   """LlavaProcessor (one resized tile) or Idefics3Processor (tiles + global image) matching vlm_jax.inputs."""
   import transformers
   v = cfg.vision
-  common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std), resample=_RESAMPLE[data.resample],
-                do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
+  common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std),
+                resample=hf_config.PIL_RESAMPLE[data.resample], do_rescale=True, rescale_factor=1 / 255,
+                do_normalize=True, do_convert_rgb=True)
   if hf_config.check_exportable(cfg) == "llava":
     image_processor = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
                                                            do_resize=True, **common)

@@ -15,6 +15,8 @@ VISION_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "gel
 PROJECTOR_ACT = {**VISION_ACT, "relu": "relu"}
 FROM_HF_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu",
                "gelu": "gelu", "relu": "relu"}
+# data.resample -> the PIL.Image.Resampling code HF image processor configs store.
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 
 
 class ConversionError(ValueError):

@@ -172,7 +172,8 @@ def model_entries(cfg: ModelConfig) -> list[Entry]:
 
 
 def _layer_norm(ours: str, hf: str, width: int) -> list[Entry]:
-  return [Entry(f"{ours}/scale", hf + ".weight", "copy", (width,)), Entry(f"{ours}/bias", hf + ".bias", "copy", (width,))]
+  return [Entry(f"{ours}/scale", hf + ".weight", "copy", (width,)),
+          Entry(f"{ours}/bias", hf + ".bias", "copy", (width,))]
 
 
 def _linear(ours: str, hf: str, fan_in: int, fan_out: int) -> list[Entry]:

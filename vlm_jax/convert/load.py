@@ -29,7 +29,6 @@ from vlm_jax.inputs.tokenizer import IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKE
 
 IMPORT_STAGE = "import"
 CHAT_TOKENS = [IMAGE_TOKEN, IM_START, IM_END]
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL codes in processor configs
 
 
 class Checkpoint:
@@ -195,12 +194,13 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_l
   model, params, tok = load_hf(hf_dir, scan_layers=scan_layers)
   processor = _image_processor_config(hf_dir)
   size = processor.get("size", {})
+  resample_names = {code: name for name, code in hf_config.PIL_RESAMPLE.items()}
   tokenizer_dir = workdir / "tokenizer"
   data = DataConfig(
       tokenizer=TokenizerConfig(kind="hf", path=str(tokenizer_dir), vocab_size=tok.vocab_size),
       image_splitting=model.projector.kind == "pixel_shuffle" and processor.get("do_image_splitting", True),
       max_image_size=size.get("longest_edge", 0) if model.projector.kind == "pixel_shuffle" else 0,
-      resample=_RESAMPLE_NAMES.get(processor.get("resample", 3), "bicubic"))
+      resample=resample_names.get(processor.get("resample"), "bicubic"))
   stage = StageConfig(name=IMPORT_STAGE, steps=0, checkpoint_every=1, max_to_keep=1)
   config = Config(name=f"import_{hf_dir.name}", model=model, data=data, train=TrainConfig(stages=(stage,)))
   workdir.mkdir(parents=True, exist_ok=True)
