@@ -222,3 +222,14 @@ def test_import_hf_writes_a_workdir_the_checkpoint_code_restores(llava_dir, tmp_
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   restored = checkpoint.final_params(workdir, load.IMPORT_STAGE, target)
   jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+
+def test_sharded_export_reimports(llava_dir, tokenizer_dir, tmp_path):
+  _, path = llava_dir
+  cfg, params, _ = load.load_hf(path)
+  export.export(params, cfg, tokenizer_dir, tmp_path, max_shard_size="100KB")
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  again, reread, _ = load.load_hf(tmp_path)
+  assert again == cfg
+  jax.tree.map(np.testing.assert_array_equal, reread, params)
