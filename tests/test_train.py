@@ -1,0 +1,196 @@
+"""Train step on a tiny real VLM: frozen towers stay bit-identical with no optimizer state, loss averaging over
+supervised tokens is exact under grad accumulation, contrastive loss, eval loss."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax import losses
+from vlm_jax.config import MeshConfig
+from vlm_jax.model import vlm
+from vlm_jax.sharding import make_mesh
+from vlm_jax.train import optimizer, step
+
+TINY = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.num_heads=2",
+        "model.vision.mlp_dim=32", "model.decoder.vocab_size=64", "model.decoder.width=32",
+        "model.decoder.num_layers=1", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=2",
+        "model.decoder.mlp_dim=64", "model.contrastive.width=16", "model.contrastive.depth=1",
+        "model.contrastive.num_heads=2", "model.contrastive.mlp_dim=32", "model.contrastive.embed_dim=16",
+        "model.contrastive.max_text_len=8"]
+
+
+def tiny_config():
+  return config_lib.load("shapes_tiny", TINY)
+
+
+def lm_batch(cfg, rows=8, seq=16, seed=0):
+  """Rows start with one tile of `<image>` ids; row b supervises a different number of tokens (3 + b % 5)."""
+  rng = np.random.default_rng(seed)
+  m = cfg.model
+  ids = rng.integers(10, m.decoder.vocab_size, (rows, seq)).astype(np.int32)
+  ids[:, :m.image_tokens_per_tile] = m.image_token_id
+  labels = np.full_like(ids, losses.IGNORE_ID)
+  for b in range(rows):
+    n = 3 + b % 5
+    labels[b, seq - n:] = ids[b, seq - n:]
+  size = m.vision.image_size
+  return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+          "pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
+          "tile_mask": np.ones((rows, 1), bool)}
+
+
+def contrastive_batch(cfg, rows=8, seed=0):
+  rng = np.random.default_rng(seed)
+  size, length = cfg.model.vision.image_size, cfg.model.contrastive.max_text_len
+  mask = np.arange(length)[None] < rng.integers(2, length, (rows, 1))
+  return {"pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
+          "text_ids": np.where(mask, rng.integers(10, 64, (rows, length)), 0).astype(np.int32), "text_mask": mask}
+
+
+def setup(cfg, stage, mesh):
+  """-> (model, tx, abstract state, initial state) for `stage` on `mesh`."""
+  model = vlm.VLM(cfg.model)
+  shapes, _ = vlm.abstract_params(cfg.model)
+  tx = optimizer.make_optimizer(stage, shapes)
+  abstract = step.abstract_state(cfg, stage, mesh, tx)
+  params = step.init_params(cfg, mesh, jax.random.PRNGKey(0))
+  return model, tx, abstract, step.init_state(params, tx, abstract, seed=0)
+
+
+def run_steps(cfg, stage_name, batch, steps=2, mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2), **stage_fields):
+  cfg_stage = dataclasses.replace(cfg.train.stage(stage_name), **{"warmup_steps": 0, **stage_fields})
+  mesh = make_mesh(mesh_cfg)
+  model, tx, abstract, state = setup(cfg, cfg_stage, mesh)
+  start = jax.device_get(state)  # host copies: the step donates its input state
+  train_step = step.make_train_step(model, cfg_stage, mesh, tx, abstract)
+  metrics = []
+  with step.use_mesh(mesh):
+    for _ in range(steps):
+      state, m = train_step(state, batch)
+      metrics.append(jax.device_get(m))
+  return start, jax.device_get(state), metrics
+
+
+def assert_bit_identical(a, b, what):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), f"{what}{jax.tree_util.keystr(path)} changed"
+
+
+def opt_state_bytes(state):
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(state["opt_state"]))
+
+
+def tree_bytes(tree):
+  return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+
+def test_alignment_stage_trains_only_the_projector():
+  cfg = tiny_config()
+  start, end, metrics = run_steps(cfg, "align", lm_batch(cfg))
+  for tower in ("vision", "decoder", "contrastive"):
+    assert_bit_identical(start["params"][tower], end["params"][tower], tower)
+  for x, y in zip(jax.tree.leaves(start["params"]["projector"]), jax.tree.leaves(end["params"]["projector"])):
+    assert np.abs(x - y).max() > 1e-5
+  # Adam mu + nu for the projector only, plus two int32 counts.
+  assert opt_state_bytes(end) == 2 * tree_bytes(end["params"]["projector"]) + 8
+  assert int(end["step"]) == 2
+  assert metrics[0]["num_tokens"] == sum(3 + b % 5 for b in range(8))  # 37; labels never at position 0
+  assert metrics[1]["loss"] < metrics[0]["loss"]
+
+
+def test_instruct_stage_keeps_the_vision_tower():
+  cfg = tiny_config()
+  start, end, _ = run_steps(cfg, "instruct", lm_batch(cfg))
+  assert_bit_identical(start["params"]["vision"], end["params"]["vision"], "vision")
+  assert_bit_identical(start["params"]["contrastive"], end["params"]["contrastive"], "contrastive")
+  changed = [np.abs(x - y).max() > 0 for x, y in zip(jax.tree.leaves(start["params"]["decoder"]),
+                                                     jax.tree.leaves(end["params"]["decoder"]))]
+  assert all(changed)
+  trainable = {"projector": end["params"]["projector"], "decoder": end["params"]["decoder"]}
+  assert opt_state_bytes(end) == 2 * tree_bytes(trainable) + 8
+
+
+def test_grad_accumulation_averages_over_all_supervised_tokens():
+  cfg = tiny_config()
+  batch = lm_batch(cfg)
+  mesh = make_mesh(MeshConfig(data=2, tensor=2), devices=jax.devices()[:4])  # 4 micro-batches of 2 rows
+  results = {}
+  for accum in (1, 2, 4):
+    stage = dataclasses.replace(cfg.train.stage("instruct"), grad_accum=accum, batch_size=8)
+    model, _, abstract, state = setup(cfg, stage, mesh)
+    labels = optimizer.trainable_labels(abstract["params"], stage)
+
+    @jax.jit
+    def mean_loss_and_grads(params, batch, stage=stage, model=model, labels=labels):
+      trainable, frozen = step.split_trainable(params, labels)
+      loss_sum, weight, grads = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
+                                                      jax.random.PRNGKey(0))
+      return loss_sum / weight, weight, jax.tree.map(lambda g: g / weight, grads)
+    with step.use_mesh(mesh):
+      results[accum] = jax.device_get(mean_loss_and_grads(state["params"], batch))
+  # Reference: one forward over the whole batch, summed NLL / supervised tokens.
+  logits = model.apply({"params": jax.device_get(state["params"])}, batch)["logits"]
+  loss_sum, count = losses.token_cross_entropy(logits, batch["labels"])
+  assert int(count) == 37 and results[1][1] == 37
+  np.testing.assert_allclose(results[1][0], float(loss_sum / count), rtol=1e-6)
+  for accum in (2, 4):
+    np.testing.assert_allclose(results[accum][0], results[1][0], rtol=1e-5)
+    assert results[accum][1] == 37
+    for a, b in zip(jax.tree.leaves(results[1][2]), jax.tree.leaves(results[accum][2])):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # A mean of per-micro-batch means would differ: the rows hold 3..7 supervised tokens.
+  halves = [losses.token_cross_entropy(logits[i::2], batch["labels"][i::2]) for i in (0, 1)]
+  mean_of_means = np.mean([float(s / c) for s, c in halves])
+  assert abs(mean_of_means - results[2][0]) > 1e-4
+
+
+def test_grad_accumulation_train_step_metrics_match():
+  cfg = tiny_config()
+  batch = lm_batch(cfg, seed=1)
+  one = run_steps(cfg, "instruct", batch, steps=1)[2][0]
+  two = run_steps(cfg, "instruct", batch, steps=1, grad_accum=2)[2][0]
+  for key in ("loss", "grad_norm", "lr", "num_tokens"):
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
+
+
+def test_contrastive_stage_loss_and_frozen_decoder():
+  cfg = tiny_config()
+  batch = contrastive_batch(cfg)
+  start, end, metrics = run_steps(cfg, "vision_pretrain", batch, steps=1, mesh_cfg=MeshConfig(data=8))
+  image, text, scale, _ = vlm.VLM(cfg.model).apply(
+      {"params": start["params"]}, batch["pixel_values"], batch["text_ids"], batch["text_mask"],
+      method=vlm.VLM.contrastive_embeddings)
+  np.testing.assert_allclose(metrics[0]["loss"], float(losses.clip_loss(image, text, scale)), rtol=1e-5)
+  assert metrics[0]["num_tokens"] == 8
+  for tower in ("decoder", "projector"):
+    assert_bit_identical(start["params"][tower], end["params"][tower], tower)
+  assert np.abs(start["params"]["vision"]["pos_embed"] - end["params"]["vision"]["pos_embed"]).max() > 0
+
+
+def test_eval_step_matches_the_reference_loss():
+  cfg = tiny_config()
+  batch = lm_batch(cfg, seed=2)
+  stage = cfg.train.stage("instruct")
+  mesh = make_mesh(MeshConfig(data=4, tensor=2))
+  model, _, abstract, state = setup(cfg, stage, mesh)
+  with step.use_mesh(mesh):
+    out = jax.device_get(step.make_eval_step(model, stage, mesh, abstract)(state["params"], batch))
+  logits = model.apply({"params": jax.device_get(state["params"])}, batch)["logits"]
+  loss_sum, count = losses.token_cross_entropy(logits, batch["labels"])
+  np.testing.assert_allclose(out["loss"], float(loss_sum / count), rtol=1e-5)
+  assert out["num_tokens"] == int(count)
+
+
+def test_micro_batches_must_split_over_the_batch_devices():
+  cfg = tiny_config()
+  with pytest.raises(ValueError, match=r"8 / 4 = 2 rows per micro-batch do not split over the 4 \(data x fsdp\)"):
+    run_steps(cfg, "align", lm_batch(cfg), grad_accum=4, batch_size=8)
+
+
+def test_unknown_trainable_regex_is_a_config_error():
+  cfg = tiny_config()
+  with pytest.raises(config_lib.ConfigError, match="'projektor/.*' matches no param"):
+    run_steps(cfg, "align", lm_batch(cfg), trainable=("projektor/.*",))

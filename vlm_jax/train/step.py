@@ -1,0 +1,209 @@
+"""Jitted train / eval steps with explicit shardings, gradient accumulation and frozen params passed through.
+
+The train state is a plain dict {step int32 [], params, opt_state, rng uint32 [2]}. Its shardings come from the
+params' logical axis names (`vlm_jax.sharding`); optimizer moments take the sharding of their param. Call the
+steps inside `use_mesh(mesh)` (the mesh and the logical axis rules the model's constraints read while tracing).
+
+Loss averaging: every micro-batch contributes (loss_sum, weight) and gradients of loss_sum; the step divides the
+sums by the total weight at the end. For `lm` the weight is the number of supervised tokens, so the loss is the
+mean over all supervised tokens of the global batch, whatever grad_accum and the device count (not a mean of
+per-row or per-micro-batch means). For `contrastive` a micro-batch is one contrastive batch (its negatives) and
+the weight is its number of pairs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlm_jax import losses
+from vlm_jax.config import Config, StageConfig
+from vlm_jax.model import vlm
+from vlm_jax.sharding import LOGICAL_AXIS_RULES, data_sharding, logical_shardings, replicated
+from vlm_jax.train import optimizer as optimizer_lib
+
+State = dict[str, Any]
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[None]:
+  """The context train/eval steps (and param init) run in: `jax.set_mesh` + the logical axis rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
+
+
+def param_shardings(config: Config, mesh: Mesh) -> tuple[Any, Any]:
+  """(ShapeDtypeStruct tree of the params, NamedSharding tree) from the model's logical axis names."""
+  shapes, logical = vlm.abstract_params(config.model)
+  return shapes, logical_shardings(logical, mesh)
+
+
+def abstract_state(config: Config, stage: StageConfig, mesh: Mesh,
+                   tx: optax.GradientTransformation) -> State:
+  """The train state as ShapeDtypeStructs carrying their shardings (the restore target and jit in/out spec)."""
+  shapes, p_shardings = param_shardings(config, mesh)
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  opt_shardings = _like_params(opt_shapes, shapes, p_shardings, replicated(mesh))
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
+          "params": jax.tree.map(with_sharding, shapes, p_shardings),
+          "opt_state": jax.tree.map(with_sharding, opt_shapes, opt_shardings),
+          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))}
+
+
+def _like_params(tree: Any, param_shapes: Any, param_shardings: Any, default: NamedSharding) -> Any:
+  """Shardings for optimizer-state leaves: a leaf whose key path ends in a param's path (Adam's mu/nu:
+  `...mu['decoder']['embed']['embedding']`) and has its shape takes that param's sharding; counts and other
+  leaves get `default`."""
+  def dict_keys(path):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.append(k.key)
+    return tuple(reversed(keys))
+  params = {dict_keys(p): (x.shape, s) for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
+                                                           jax.tree.leaves(param_shardings))}
+  def pick(path, x):
+    shape, sharding = params.get(dict_keys(path), (None, default))
+    return sharding if shape == x.shape else default
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def shardings_of(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def init_params(config: Config, mesh: Mesh, rng: jax.Array) -> Any:
+  """Fresh params, created directly in their shardings."""
+  _, p_shardings = param_shardings(config, mesh)
+  with use_mesh(mesh):
+    return jax.jit(lambda r: vlm.init_params(config.model, r), out_shardings=p_shardings)(rng)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, abstract: State, seed: int) -> State:
+  """A stage's step-0 state: `params` (already sharded), fresh optimizer state, rng from `seed`."""
+  opt_state = jax.jit(tx.init, out_shardings=shardings_of(abstract["opt_state"]))(params)
+  put = lambda x, a: jax.device_put(x, a.sharding)
+  return {"step": put(jnp.zeros((), jnp.int32), abstract["step"]), "params": params, "opt_state": opt_state,
+          "rng": put(jax.random.PRNGKey(seed), abstract["rng"])}
+
+
+def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array],
+                rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """-> (loss_sum f32 [], weight f32 []) of one micro-batch; mean loss = loss_sum / weight."""
+  if stage.loss == "contrastive":
+    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], batch["text_ids"],
+                                           batch["text_mask"], method=vlm.VLM.contrastive_embeddings,
+                                           rngs={"dropout": rng})
+    if model.config.contrastive.loss == "siglip":
+      loss = losses.siglip_loss(image, text, scale, bias)
+    else:
+      loss = losses.clip_loss(image, text, scale)
+    pairs = jnp.asarray(image.shape[0], jnp.float32)
+    return loss * pairs, pairs
+  logits = model.apply({"params": params}, batch, rngs={"dropout": rng})["logits"]
+  loss_sum, count = losses.token_cross_entropy(logits, batch["labels"])
+  return loss_sum, count.astype(jnp.float32)
+
+
+def _micro_batches(batch: dict[str, jax.Array], grad_accum: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """[B, ...] -> [grad_accum, B / grad_accum, ...]. Micro-batch a takes rows a, a + A, a + 2A, ... so each
+  device's local rows spread over all micro-batches and every micro-batch keeps the batch sharding."""
+  def split(x):
+    x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, ("data", "fsdp"))))
+  return jax.tree.map(split, batch)
+
+
+def check_batch_split(stage: StageConfig, mesh: Mesh) -> None:
+  """Every micro-batch must split evenly over the (data, fsdp) devices. (Uneven splits pad rows; on CPU, XLA
+  then added garbage from the padding rows into the embedding gradient of the (2, 2, 2) mesh.)"""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = stage.batch_size // stage.grad_accum
+  if rows % shards:
+    raise ValueError(f"Stage {stage.name!r}: batch_size / grad_accum = {stage.batch_size} / {stage.grad_accum} = "
+                     f"{rows} rows per micro-batch do not split over the {shards} (data x fsdp) devices of the "
+                     f"mesh {dict(mesh.shape)}; change batch_size, grad_accum or mesh.")
+
+
+def split_trainable(params: Any, labels: Any) -> tuple[Any, Any]:
+  """Two trees shaped like params with None in place of the other group's leaves."""
+  pick = lambda want: jax.tree.map(lambda p, l: p if l == want else None, params, labels)
+  return pick(optimizer_lib.TRAIN), pick(optimizer_lib.FROZEN)
+
+
+def _merge(a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
+                     batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+  """Sums over stage.grad_accum micro-batches (lax.scan) of (loss_sum, weight, d loss_sum / d trainable).
+
+  trainable / frozen: the params split by label (None in place of the other group's leaves); only `trainable`
+  is differentiated, so frozen towers cost no backward pass. Divide by the weight to get means.
+  """
+  def grads_of(micro, micro_rng):
+    fn = lambda t: _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
+    (loss_sum, weight), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
+    return loss_sum, weight, grads
+
+  if stage.grad_accum == 1:
+    return grads_of(batch, rng)
+
+  def body(carry, xs):
+    micro, index = xs
+    return jax.tree.map(jnp.add, carry, grads_of(micro, jax.random.fold_in(rng, index))), None
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+  xs = (_micro_batches(batch, stage.grad_accum, mesh), jnp.arange(stage.grad_accum))
+  return jax.lax.scan(body, zeros, xs)[0]
+
+
+def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.GradientTransformation,
+                    abstract: State) -> Callable[[State, dict], tuple[State, dict]]:
+  """A jitted `(state, batch) -> (state, metrics)`; the input state is donated. Call it inside use_mesh(mesh).
+
+  batch: the global batch (DESIGN.md contract, or the contrastive keys), leading axis sharded over (data, fsdp).
+  metrics (replicated f32 scalars): loss (mean over supervised tokens), grad_norm (trainable grads, before
+  clipping), lr (of this update), num_tokens (supervised tokens; image-text pairs for contrastive).
+  Only trainable params are differentiated; frozen params come out bit-identical.
+  """
+  check_batch_split(stage, mesh)
+  labels = optimizer_lib.trainable_labels(abstract["params"], stage)
+  lr_schedule = optimizer_lib.schedule(stage)
+
+  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    trainable, frozen = split_trainable(state["params"], labels)
+    loss_sum, weight, grads = accumulate_grads(model, stage, mesh, trainable, frozen, batch, rng)
+    denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss and grads, not NaN
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
+    updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    # Frozen leaves are taken as they were (p + 0 would turn -0.0 into +0.0).
+    new_params = jax.tree.map(lambda l, new, old: old if l == optimizer_lib.FROZEN else new,
+                              labels, new_params, state["params"])
+    metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads),
+               "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight}
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+    return new_state, metrics
+
+  state_shardings = shardings_of(abstract)
+  return jax.jit(train_step, in_shardings=(state_shardings, data_sharding(mesh, 1)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, abstract: State) -> Callable[[Any, dict], dict]:
+  """A jitted `(params, batch) -> {"loss", "num_tokens"}` (mean over supervised tokens). Call inside use_mesh."""
+  def eval_step(params, batch):
+    loss_sum, weight = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
+    return {"loss": loss_sum / jnp.maximum(weight, 1.0), "num_tokens": weight}
+  return jax.jit(eval_step, in_shardings=(shardings_of(abstract["params"]), data_sharding(mesh, 1)),
+                 out_shardings=replicated(mesh))
