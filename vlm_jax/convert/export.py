@@ -179,3 +179,39 @@ def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.
 def eos_ids(tokenizer: Tokenizer) -> list[int]:
   """Ids generation stops at: `<|im_end|>` (ChatML turn end) and the tokenizer's eos."""
   return [tokenizer.token_to_id(IM_END)] + ([tokenizer.eos_id] if tokenizer.roles.get("eos") else [])
+
+
+def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, stage: str | None = None,
+                   dtype: str = "float32", fmt: str = "hf") -> pathlib.Path:
+  """Exports the params of `stage` (default: the last finished one) of a vlm_jax workdir."""
+  import jax
+  from vlm_jax import sharding, workdir as workdir_lib
+  from vlm_jax.config import MeshConfig
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])  # gathered on one device of this host
+  config, params, _ = workdir_lib.load(workdir, stage, mesh=mesh)
+  params = jax.tree.map(np.asarray, params)
+  return export(params, config.model, pathlib.Path(workdir) / workdir_lib.TOKENIZER_DIR, out_dir, dtype=dtype,
+                fmt=fmt, data=config.data)
+
+
+def hf_generate(hf_dir: str | pathlib.Path, images: list[np.ndarray], prompt: str, *,
+                max_new_tokens: int = 32) -> tuple[str, list[int]]:
+  """Greedy answer of an exported model under transformers (AutoProcessor + AutoModelForImageTextToText) to one
+  user turn: `prompt` with `<image>` placeholders (images are put first when it has none). Returns the text
+  and the generated ids without the stop token, the same shape `vlm_jax.generate` returns."""
+  import torch
+  import transformers
+  processor = transformers.AutoProcessor.from_pretrained(hf_dir)
+  model = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
+  if IMAGE_TOKEN not in prompt:
+    prompt = f"{IMAGE_TOKEN}\n" * len(images) + prompt  # as vlm_jax.inputs.examples puts them
+  messages = [{"role": "user", "content": prompt}]
+  text = processor.apply_chat_template(messages, add_generation_prompt=True)
+  inputs = processor(images=[list(images)] if images else None, text=[text], return_tensors="pt")
+  with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+  ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+  stops = set(model.generation_config.eos_token_id or [])
+  if ids and ids[-1] in stops:
+    ids = ids[:-1]
+  return processor.tokenizer.decode(ids), ids

@@ -1,0 +1,197 @@
+"""`vlm-jax` command line: parse, call one library function, print. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vlm_jax import config as config_lib
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+  p.add_argument("--config", required=required,
+                 help="config name in configs/ (e.g. shapes_tiny) or a path to a .py file with get_config()")
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                 help="overrides, e.g. train.stages.align.steps=100 model.decoder.num_layers=2")
+
+
+def _load(args) -> config_lib.Config:
+  return config_lib.load(args.config, args.set)
+
+
+def cmd_config_show(args) -> int:
+  print(json.dumps(config_lib.to_dict(_load(args)), indent=2))
+  return 0
+
+
+def cmd_train(args) -> int:
+  from vlm_jax.train import run  # pylint: disable=import-outside-toplevel
+  run.run(_load(args), args.workdir, stage=args.stage)
+  return 0
+
+
+def cmd_data_prepare(args) -> int:
+  from vlm_jax import datasets  # pylint: disable=import-outside-toplevel
+  options = dict(_parse_options(args.set))
+  if args.json:
+    options["json_path"] = args.json
+  if args.image_dir:
+    options["image_dir"] = args.image_dir
+  report = datasets.prepare(args.name, args.data_dir, **options)
+  print(report)
+  return 0
+
+
+def cmd_data_show(args) -> int:
+  from vlm_jax.inputs import show  # pylint: disable=import-outside-toplevel
+  print(show.show_config_batch(_load(args), split=args.split, stage=args.stage, rows=args.n))
+  return 0
+
+
+def cmd_generate(args) -> int:
+  from vlm_jax import generate, workdir  # pylint: disable=import-outside-toplevel
+  generator = generate.Generator(*workdir.load(args.workdir, args.stage))
+  result = generator.generate([([generate.read_image(p) for p in args.image], args.prompt)],
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, raw=args.raw)[0]
+  print(json.dumps({"text": result.text, "token_ids": result.token_ids}) if args.json else result.text)
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from vlm_jax import evaluate  # pylint: disable=import-outside-toplevel
+  results = evaluate.evaluate(args.workdir, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                              data_dir=args.data_dir, stage=args.stage)
+  print(evaluate.format_table(results))
+  print(f"results: {evaluate.results_path(args.workdir)}")
+  return 0
+
+
+def cmd_export(args) -> int:
+  from vlm_jax.convert import export  # pylint: disable=import-outside-toplevel
+  out = export.export_workdir(args.workdir, args.out, stage=args.stage, dtype=args.dtype, fmt=args.format)
+  print(f"exported to {out}")
+  return 0
+
+
+def cmd_import_hf(args) -> int:
+  from vlm_jax.convert import load  # pylint: disable=import-outside-toplevel
+  cfg = load.import_hf(args.hf_dir, args.workdir)
+  print(f"imported {args.hf_dir} into {args.workdir} (stage 'import'; vision {cfg.model.vision.kind}, "
+        f"projector {cfg.model.projector.kind}, decoder {cfg.model.decoder.num_layers} layers)")
+  return 0
+
+
+def cmd_demo(args) -> int:
+  from vlm_jax import demo  # pylint: disable=import-outside-toplevel
+  demo.run_demo(args.config, args.workdir, args.set, limit=args.limit, export=not args.no_export)
+  return 0
+
+
+def _parse_options(items: list[str]) -> list[tuple[str, object]]:
+  out = []
+  for item in items:
+    if "=" not in item:
+      raise config_lib.ConfigError(f"Option {item!r} must look like key=value, e.g. num_train=1000.")
+    key, text = item.split("=", 1)
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = text
+    out.append((key, value))
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="vlm-jax", description="vlm-jax: train LLaVA-style vision-language models with JAX/Flax "
+                                   "on a device mesh, evaluate them and export them to transformers.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="run a config's training stages in order (resumes; skips finished stages)")
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="output dir (local or gs://): checkpoints, metrics, tokenizer")
+  p.add_argument("--stage", default=None, help="run only this stage (default: all, in order)")
+  p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("generate", help="answer a prompt about images with a trained workdir's model")
+  p.add_argument("--workdir", required=True, help="a training workdir (config.json, tokenizer/, stage checkpoints)")
+  p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
+  p.add_argument("--image", action="append", default=[], help="an image file; repeat for several, in order")
+  p.add_argument("--prompt", required=True, help="the user turn; <image> marks where images go (default: first)")
+  p.add_argument("--raw", action="store_true", help="use the prompt verbatim, without the chat template")
+  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
+  p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("eval", help="accuracy per question type, blind baseline and caption F1 of a workdir")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
+  p.add_argument("--split", default="test")
+  p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the config's data.data_dir)")
+  p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("export", help="write a workdir's model as a transformers directory (LLaVA or Idefics3)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--stage", default=None, help="stage whose params to export (default: the last finished)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--format", default="hf", choices=("hf", "torch"),
+                 help="hf: transformers directory with processor; torch: plain state_dict + name map")
+  p.set_defaults(fn=cmd_export)
+
+  p = sub.add_parser("import-hf", help="turn a transformers LLaVA / Idefics3 directory into a vlm_jax workdir")
+  p.add_argument("--hf-dir", required=True, help="local directory with config.json, *.safetensors, tokenizer")
+  p.add_argument("--workdir", required=True)
+  p.set_defaults(fn=cmd_import_hf)
+
+  p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
+  p.add_argument("--config", default="shapes_tiny")
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  p.add_argument("--workdir", default="runs/demo")
+  p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test records")
+  p.add_argument("--no-export", action="store_true", help="skip the transformers export step")
+  p.set_defaults(fn=cmd_demo)
+
+  p = sub.add_parser("config", help="config tools")
+  csub = p.add_subparsers(dest="config_command", required=True)
+  q = csub.add_parser("show", help="print the resolved config (after --set overrides) as JSON")
+  q.add_argument("config", help="config name or path")
+  q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  q.set_defaults(fn=cmd_config_show)
+
+  p = sub.add_parser("data", help="dataset tools: prepare, show")
+  dsub = p.add_subparsers(dest="data_command", required=True)
+  q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json) into --data-dir")
+  q.add_argument("name", help="builder name: shapes_vqa or llava_json")
+  q.add_argument("--data-dir", required=True, help="TFDS data dir (local or gs://)")
+  q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                 help="builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
+  q.add_argument("--json", default=None, help="llava_json: the LLaVA-format JSON file")
+  q.add_argument("--image-dir", default=None, help="llava_json: folder the JSON's image paths are relative to")
+  q.set_defaults(fn=cmd_data_prepare)
+  q = dsub.add_parser("show", help="print what the model sees for a few batch rows")
+  _add_config_args(q)
+  q.add_argument("--split", default="train")
+  q.add_argument("--stage", default=None, help="stage whose task/datasets to use (default: the last stage)")
+  q.add_argument("-n", type=int, default=2, help="rows to show")
+  q.set_defaults(fn=cmd_data_show)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except config_lib.ConfigError as e:
+    print(f"vlm-jax: config error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
