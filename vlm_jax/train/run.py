@@ -1,0 +1,117 @@
+"""Runs a config's training stages in order: init or resume, the step loop, metrics, checkpoints.
+
+For each stage: finished (W/<stage>/FINISHED) -> skipped; a checkpoint in W/<stage>/ -> resumed exactly (state
+and data iterator; step k always uses fold_in(rng, k)); otherwise params come from `init_from`, else the previous
+stage's final params (fresh optimizer state), else a fresh init for the first stage.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from etils import epath
+
+from vlm_jax import checkpoint
+from vlm_jax import config as config_lib
+from vlm_jax.config import Config, StageConfig
+from vlm_jax.inputs import loader as loader_lib
+from vlm_jax.inputs.tokenizer import load_tokenizer
+from vlm_jax.model import vlm
+from vlm_jax.sharding import make_mesh
+from vlm_jax.train import optimizer as optimizer_lib
+from vlm_jax.train import step as step_lib
+from vlm_jax.train.metrics import MetricsWriter
+
+
+def run(config: Config, workdir: str, *, stage: str | None = None) -> None:
+  """Trains every stage of `config` in order (or only `stage`) into `workdir` (local path or gs://)."""
+  workdir = str(checkpoint.absolute(workdir))
+  tokenizer = load_tokenizer(config)
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=1) + "\n")
+    tokenizer.save(epath.Path(workdir) / "tokenizer")
+  mesh = make_mesh(config.mesh)
+  names = [s.name for s in config.train.stages]
+  todo = names if stage is None else [config.train.stage(stage).name]
+  for name in todo:
+    index = names.index(name)
+    previous = names[index - 1] if index > 0 else None
+    run_stage(config, config.train.stages[index], workdir, mesh, tokenizer, previous)
+
+
+def initial_params(config: Config, stage: StageConfig, workdir: str, mesh, previous: str | None,
+                   target: Any) -> tuple[Any, str]:
+  """A new stage's starting params (sharded like `target`) and where they came from."""
+  if stage.init_from:
+    source_workdir, source_stage = checkpoint.resolve_init_from(stage.init_from)
+    return checkpoint.final_params(source_workdir, source_stage, target), f"{source_workdir}/{source_stage}"
+  if previous is not None:
+    return checkpoint.final_params(workdir, previous, target), f"stage {previous!r}"
+  return step_lib.init_params(config, mesh, jax.random.PRNGKey(config.seed)), f"fresh init (seed {config.seed})"
+
+
+def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer, previous: str | None) -> None:
+  """Runs (or resumes, or skips) one stage; returns when its final checkpoint is on disk."""
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  done = checkpoint.finished_step(workdir, stage.name)
+  if done is not None:
+    log(f"[{stage.name}] finished at step {done}; skipping.")
+    return
+  shapes, _ = vlm.abstract_params(config.model)
+  tx = optimizer_lib.make_optimizer(stage, shapes)
+  abstract = step_lib.abstract_state(config, stage, mesh, tx)
+  data = loader_lib.make_loader(config, stage, tokenizer)
+  mngr = checkpoint.manager(workdir, stage)
+  writer = MetricsWriter(workdir, stage.name)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = checkpoint.restore(mngr, latest, abstract, data)
+    writer.resume_from(latest)
+    log(f"[{stage.name}] resumed from step {latest}.")
+  else:
+    params, source = initial_params(config, stage, workdir, mesh, previous, abstract["params"])
+    state = step_lib.init_state(params, tx, abstract, seed=config.seed)
+    log(f"[{stage.name}] starting from {source}.")
+  train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
+  start = int(jax.device_get(state["step"]))
+  pending, tokens, tick = [], 0, time.perf_counter()
+  bar = tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name, disable=jax.process_index() != 0,
+                  dynamic_ncols=True)
+  with step_lib.use_mesh(mesh):
+    for step in range(start + 1, stage.steps + 1):
+      host_batch = next(data)
+      tokens += _batch_tokens(host_batch) * jax.process_count()
+      state, metrics = train_step(state, loader_lib.to_global(host_batch, mesh))
+      pending.append(metrics)
+      if step % stage.log_every == 0 or step == stage.steps:
+        values = _summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
+        writer.write(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        pending, tokens, tick = [], 0, time.perf_counter()
+      checkpoint.save(mngr, step, state, data, force=step == stage.steps)
+      bar.update(1)
+  bar.close()
+  if mngr.latest_step() != stage.steps:  # steps == 0, or resumed right at the end
+    checkpoint.save(mngr, stage.steps, state, data, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  checkpoint.mark_finished(workdir, stage.name, stage.steps)
+  log(f"[{stage.name}] finished {stage.steps} steps.")
+
+
+def _batch_tokens(batch: dict[str, np.ndarray]) -> int:
+  """Token positions the model reads in a host batch (text of contrastive batches)."""
+  return int(np.size(batch["input_ids"] if "input_ids" in batch else batch["text_ids"]))
+
+
+def _summarize(steps: list[dict[str, np.ndarray]], tokens: int, seconds: float) -> dict[str, float]:
+  """Metrics of the steps since the last log: mean loss / grad_norm / num_tokens, the last lr, throughput."""
+  mean = lambda k: float(np.mean([m[k] for m in steps]))
+  return {"loss": mean("loss"), "grad_norm": mean("grad_norm"), "lr": float(steps[-1]["lr"]),
+          "num_tokens": mean("num_tokens"), "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(steps)}
