@@ -33,14 +33,18 @@ def test_normalize_values():
   assert images.normalize(x, (0.5,) * 3, (0.5,) * 3).dtype == np.float32
 
 
-def test_llava_single_tile():
+def test_single_tile():
   cfg = config(splitting=False)
   img = random_image(20, 50)
   out = images.process_image(img, cfg)
   assert out.tiles.shape == (1, 32, 32, 3) and (out.rows, out.cols) == (0, 0)
   expect = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS)) / 255.0 * 2 - 1
   np.testing.assert_allclose(out.tiles[0], expect, atol=1e-6)
-  assert out.prompt == "<image>" * 4
+  # a pixel-shuffle model's unsplit image is Idefics3's global-image string
+  assert out.prompt == "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image>"
+  # an MLP (LLaVA) model: one <image> per patch (4 x 4 patches of 8 px)
+  llava = Config(model=ModelConfig(vision=cfg.model.vision), data=cfg.data)
+  assert images.process_image(img, llava).prompt == "<image>" * 16
 
 
 @pytest.mark.parametrize("shape, grid", [
@@ -72,13 +76,13 @@ def test_tiles_are_row_major_crops_then_global():
 
 
 def test_split_prompt_string():
-  assert images.image_prompt(2, 1, 2, splitting=True) == (
+  assert images.image_prompt(2, 1, 2, idefics3=True) == (
       "<fake_token_around_image><row_1_col_1><image><image>\n"
       "<fake_token_around_image><row_2_col_1><image><image>\n"
       "\n<fake_token_around_image><global-img><image><image><fake_token_around_image>")
-  assert images.image_prompt(0, 0, 3, splitting=True) == (
+  assert images.image_prompt(0, 0, 3, idefics3=True) == (
       "<fake_token_around_image><global-img><image><image><image><fake_token_around_image>")
-  assert images.image_prompt(0, 0, 3, splitting=False) == "<image><image><image>"
+  assert images.image_prompt(0, 0, 3, idefics3=False) == "<image><image><image>"
 
 
 def test_no_split_when_image_fits_one_tile():

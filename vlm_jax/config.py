@@ -257,6 +257,9 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"model.decoder.num_heads={d.num_heads} is not a multiple of num_kv_heads={d.num_kv_heads}.")
   if not d.head_dim and d.width % d.num_heads:
     raise ConfigError(f"model.decoder.width={d.width} is not divisible by num_heads={d.num_heads}; set head_dim.")
+  if cfg.data.image_splitting and cfg.model.projector.kind != "pixel_shuffle":
+    raise ConfigError("data.image_splitting (Idefics3 tiling) needs model.projector.kind='pixel_shuffle'; "
+                      "LLaVA-style MLP models take one tile per image.")
   if cfg.model.projector.kind == "pixel_shuffle":
     side = v.image_size // v.patch_size
     if v.select_strategy == "full" and v.kind == "clip":

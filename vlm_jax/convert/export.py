@@ -116,7 +116,9 @@ def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig
         num_additional_image_tokens=1 if v.kind == "clip" else 0)
   image_processor = transformers.Idefics3ImageProcessorPil(
       size={"longest_edge": data.max_image_size or 4 * v.image_size}, max_image_size={"longest_edge": v.image_size},
-      do_image_splitting=data.image_splitting, do_resize=True, **common)
+      # Unsplit images: HF squares them to max_image_size after the optional longest-edge resize; our
+      # pipeline resizes once, straight to the tile, so the longest-edge step is switched off.
+      do_image_splitting=data.image_splitting, do_resize=data.image_splitting, **common)
   return transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                         image_seq_len=cfg.image_tokens_per_tile, chat_template=CHAT_TEMPLATE)
 
@@ -169,8 +171,10 @@ def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.
     state["lm_head.weight"] = state[next(k for k in state if k.endswith("embed_tokens.weight"))]
   model.load_state_dict(state, strict=True, assign=True)  # raises on any missing / unexpected key
   model.tie_weights()
+  # Ids past the tokenizer (vocab padded for sharding) are never generated, as in vlm_jax.generate.
+  padded = list(range(ours.vocab_size, model_config.decoder.vocab_size)) or None
   model.generation_config = transformers.GenerationConfig(
-      bos_token_id=ids["bos_id"], eos_token_id=eos, pad_token_id=ids["pad_id"])
+      bos_token_id=ids["bos_id"], eos_token_id=eos, pad_token_id=ids["pad_id"], suppress_tokens=padded)
   model.save_pretrained(out, max_shard_size=max_shard_size)
   hf_processor(model_config, tokenizer, data).save_pretrained(out)
   return out

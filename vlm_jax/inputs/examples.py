@@ -139,7 +139,8 @@ class Preprocessor:
     prompts, counts = [], []
     for image in record_images:
       rows, cols = images.tile_grid(*np.shape(image)[:2], self.config)
-      prompts.append(images.image_prompt(rows, cols, self.tokens_per_tile, self.config.data.image_splitting))
+      prompts.append(images.image_prompt(rows, cols, self.tokens_per_tile,
+                                         self.config.model.projector.kind == "pixel_shuffle"))
       counts.append(images.tile_count(rows, cols))
     return prompts, counts
 

@@ -1,9 +1,11 @@
 """Images -> normalized float32 NHWC tiles, and the prompt string each image stands for.
 
 Two layouts:
-- LLaVA (`data.image_splitting=False`): one tile per image, resized to image_size x image_size (the
-  SigLIP processor's resize); prompt `<image>` * image_tokens_per_tile.
-- Idefics3 / SmolVLM (`data.image_splitting=True`), matching transformers' Idefics3ImageProcessor and
+- One tile (`data.image_splitting=False`): each image resized to image_size x image_size (the SigLIP
+  processor's resize; Idefics3's unsplit square resize); prompt `<image>` * image_tokens_per_tile for
+  MLP-projector (LLaVA) models, Idefics3's `<fake_token_around_image><global-img><image>*N<fake_...>` for
+  pixel-shuffle models.
+- Idefics3 / SmolVLM tiling (`data.image_splitting=True`), matching transformers' Idefics3ImageProcessor and
   Idefics3Processor: resize so the longest edge is `max_image_size` (up or down, aspect kept, the short
   edge rounded up to even), then grow each side to a multiple of image_size, cut a rows x cols grid of
   image_size tiles (row-major) and append the whole image resized to image_size as a global tile.
@@ -54,10 +56,11 @@ def normalize(image: np.ndarray, mean, std) -> np.ndarray:
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def image_prompt(rows: int, cols: int, tokens_per_tile: int, splitting: bool) -> str:
-  """The text an image's `<image>` placeholder expands to (Idefics3Processor's string when splitting)."""
+def image_prompt(rows: int, cols: int, tokens_per_tile: int, idefics3: bool) -> str:
+  """The text an image's `<image>` placeholder expands to: LLaVA's `<image>` * tokens_per_tile, or
+  Idefics3Processor's string (pixel-shuffle models), whose rows = cols = 0 form is the unsplit image."""
   tile = IMAGE_TOKEN * tokens_per_tile
-  if not splitting:
+  if not idefics3:
     return tile
   global_part = f"{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{tile}{FAKE_IMAGE_TOKEN}"
   if rows == 0 and cols == 0:
@@ -128,7 +131,8 @@ def process_image(image: np.ndarray, config: Config) -> ProcessedImage:
     image = resize(image, *tile_multiple_size(*image.shape[:2], size), resample)
     tiles, rows, cols = split_tiles(image, size, resample)
   pixels = normalize(np.stack(tiles), vision.image_mean, vision.image_std)
-  return ProcessedImage(pixels, rows, cols, image_prompt(rows, cols, tokens, data.image_splitting))
+  idefics3 = config.model.projector.kind == "pixel_shuffle"
+  return ProcessedImage(pixels, rows, cols, image_prompt(rows, cols, tokens, idefics3))
 
 
 def tile_grid(height: int, width: int, config: Config) -> tuple[int, int]:
