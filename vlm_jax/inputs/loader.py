@@ -109,6 +109,7 @@ class _ToRow:
     self.task, self.pack, self.data = stage.task, pack, config.data
     self.pad_id = tokenizer.pad_id
     self.max_text_len = config.model.contrastive.max_text_len
+    self.max_tiles = tile_slots(config, stage)
 
   def __call__(self, record: dict) -> dict | None:
     example = self.preprocessor.to_example(record, self.task)
@@ -116,7 +117,7 @@ class _ToRow:
       return example
     if self.task == "image_text":
       return packing.pad_image_text(example, self.max_text_len, self.pad_id)
-    return packing.pad_example(example, self.data.seq_len, self.data.max_tiles, self.pad_id,
+    return packing.pad_example(example, self.data.seq_len, self.max_tiles, self.pad_id,
                                self.data.padding_side)
 
 
@@ -176,6 +177,11 @@ def host_batch_size(stage: StageConfig, process_count: int) -> int:
   return stage.batch_size // process_count
 
 
+def tile_slots(config: Config, stage: StageConfig) -> int:
+  """Tile slots per row: none for text-only stages, so the model skips the vision tower entirely."""
+  return 0 if stage.task == "text" else config.data.max_tiles
+
+
 def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
                 process_count: int | None = None) -> grain.DatasetIterator:
   """An endless iterator of host-local batches (numpy dicts of DESIGN.md "The batch", or the contrastive
@@ -189,7 +195,7 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
   read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * batch)
   rows = records.map(_ToRow(config, stage, tokenizer, pack)).to_iter_dataset(read)  # drops the Nones
   if pack:
-    rows = PackedIterDataset(rows, config.data.seq_len, config.data.max_tiles, tokenizer.pad_id)
+    rows = PackedIterDataset(rows, config.data.seq_len, tile_slots(config, stage), tokenizer.pad_id)
   batches = rows.batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     # grain's worker processes read absl flags, which a plain (non-absl) program never parsed.
