@@ -12,15 +12,16 @@ def get_config() -> Config:
   model = ModelConfig(
       vision=VisionConfig(kind="siglip", image_size=48, patch_size=8, width=128, depth=3, num_heads=4,
                           mlp_dim=512, layer_norm_eps=1e-6, act="gelu_tanh", feature_layer=-1,
-                          select_strategy="full", post_layernorm=False),
-      projector=ProjectorConfig(kind="mlp", act="gelu"),
+                          select_strategy="full", post_layernorm=True),
+      # 6x6 patches -> pixel shuffle 2 -> 3x3 image tokens per image, one per cell of the scenes' 3x3 grid.
+      projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2),
       decoder=DecoderConfig(vocab_size=512, width=192, num_layers=3, num_heads=6, num_kv_heads=2, mlp_dim=512,
                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=256),
       contrastive=ContrastiveConfig(enabled=True, loss="clip", width=128, depth=2, num_heads=4, mlp_dim=512,
-                                    embed_dim=128, max_text_len=32),
+                                    embed_dim=128, max_text_len=64),
       image_token_id=4, dtype="float32", scan_layers=True, remat="none")
   data = DataConfig(data_dir="runs/tensorflow_datasets", tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=512),
-                    seq_len=192, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
+                    seq_len=160, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
   common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
   stages = (
       StageConfig(name="vision_pretrain", steps=300, batch_size=64, trainable=("vision/.*", "contrastive/.*"),
