@@ -71,6 +71,22 @@ class ProjectorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """Mixture-of-experts MLPs (Mixtral-style top-k routing; vlm_jax/model/moe.py). num_experts=0: dense.
+
+  Layer i (0-based) is MoE iff (i + 1) % every_n_layers == 0. With scan_layers and every_n_layers > 1 the
+  scan runs over groups of every_n_layers layers (n-1 dense + 1 MoE), so num_layers must be a multiple.
+  """
+  num_experts: int = 0
+  experts_per_token: int = 2  # top-k
+  every_n_layers: int = 1  # 1: every layer is MoE
+  expert_mlp_dim: int = 0  # hidden size of each expert's SwiGLU; 0: decoder.mlp_dim
+  capacity_factor: float = 0.0  # 0.0: dropless (capacity = tokens per row); else ceil(S * k / E * factor)
+  router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+  router_z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Llama-family decoder: RMSNorm (fp32), half-split RoPE, GQA, SwiGLU."""
   vocab_size: int = 512
@@ -84,10 +100,19 @@ class DecoderConfig:
   rms_norm_eps: float = 1e-5
   tie_embeddings: bool = False
   max_seq_len: int = 2048
+  moe: MoeConfig = MoeConfig()
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.width // self.num_heads
+
+  @property
+  def resolved_expert_mlp_dim(self) -> int:
+    return self.moe.expert_mlp_dim or self.mlp_dim
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i (0-based) has a mixture-of-experts MLP."""
+    return self.moe.num_experts > 0 and (i + 1) % self.moe.every_n_layers == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +156,11 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1  # shards the experts of MoE layers (and, like data, the batch)
   dcn_data: int = 1
   dcn_fsdp: int = 1
   dcn_tensor: int = 1
+  dcn_expert: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +284,7 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"model.decoder.num_heads={d.num_heads} is not a multiple of num_kv_heads={d.num_kv_heads}.")
   if not d.head_dim and d.width % d.num_heads:
     raise ConfigError(f"model.decoder.width={d.width} is not divisible by num_heads={d.num_heads}; set head_dim.")
+  _validate_moe(d, cfg.model.scan_layers, cfg.mesh)
   if cfg.data.image_splitting and cfg.model.projector.kind != "pixel_shuffle":
     raise ConfigError("data.image_splitting (Idefics3 tiling) needs model.projector.kind='pixel_shuffle'; "
                       "LLaVA-style MLP models take one tile per image.")
@@ -268,6 +296,31 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"pixel_shuffle scale_factor={cfg.model.projector.scale_factor} does not divide the "
                         f"{side}x{side} patch grid.")
   return cfg
+
+
+def _validate_moe(d: DecoderConfig, scan_layers: bool, mesh: MeshConfig) -> None:
+  m = d.moe
+  if m.num_experts < 0:
+    raise ConfigError(f"model.decoder.moe.num_experts={m.num_experts} must be >= 0 (0 = dense MLPs).")
+  if not m.num_experts:
+    return
+  if not 1 <= m.experts_per_token <= m.num_experts:
+    raise ConfigError(f"model.decoder.moe.experts_per_token={m.experts_per_token} must be in "
+                      f"[1, num_experts={m.num_experts}].")
+  if not 1 <= m.every_n_layers <= d.num_layers:
+    raise ConfigError(f"model.decoder.moe.every_n_layers={m.every_n_layers} must be in [1, num_layers="
+                      f"{d.num_layers}] (layer i is MoE iff (i + 1) % every_n_layers == 0).")
+  if scan_layers and d.num_layers % m.every_n_layers:
+    raise ConfigError(f"model.decoder.moe.every_n_layers={m.every_n_layers} must divide num_layers="
+                      f"{d.num_layers} with scan_layers (the scan repeats a group of every_n_layers layers); "
+                      f"change one of them or set model.scan_layers=false.")
+  if m.expert_mlp_dim < 0 or m.capacity_factor < 0 or m.router_aux_loss_coef < 0 or m.router_z_loss_coef < 0:
+    raise ConfigError(f"model.decoder.moe: expert_mlp_dim, capacity_factor and the loss coefs must be >= 0, got "
+                      f"{m}.")
+  shards = (mesh.expert if mesh.expert > 0 else 1) * mesh.dcn_expert
+  if m.num_experts % shards:
+    raise ConfigError(f"model.decoder.moe.num_experts={m.num_experts} is not divisible by the expert mesh axis "
+                      f"(mesh.expert * mesh.dcn_expert = {shards}).")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,12 @@
 
 Every param and activation is annotated with logical names (Flax `nn.with_logical_partitioning`,
 `nn.with_logical_constraint`); `LOGICAL_AXIS_RULES` turns them into PartitionSpecs over the mesh axes
-`data`, `fsdp`, `tensor`. Change sharding here, nowhere else.
+`data`, `fsdp`, `expert`, `tensor`. Change sharding here, nowhere else.
+
+Axis order (data, fsdp, expert, tensor): the innermost (last) axis gets the closest devices, so tensor
+parallelism (an all-reduce per layer) sits innermost, then the expert all-to-all of MoE layers, then FSDP's
+weight all-gathers, then data parallelism (one gradient all-reduce per step). Like MaxText, the batch of
+activations is sharded over (data, fsdp, expert): outside MoE layers the expert axis is one more data axis.
 """
 from __future__ import annotations
 
@@ -17,11 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis -> mesh axis (or axes, or None = replicated). Parameters shard their `embed`-like axis
 # over fsdp (ZeRO-3) and their heads/mlp/vocab axis over tensor (Megatron). Activations use `act_*`
-# names so that the batch goes over (data, fsdp) while the embed axis of activations stays whole.
+# names so that the batch goes over (data, fsdp, expert) while the embed axis of activations stays whole.
+# MoE expert weights shard their leading `exp` axis over expert; between dispatch and combine the expert
+# activations are [exp, batch, capacity, embed] with exp over expert and the batch over (data, fsdp) only.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("embed", "fsdp"),
@@ -39,8 +46,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("channels", None),
     ("proj_in", "fsdp"),
+    ("exp", "expert"),
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_exp", "expert"),
+    ("act_exp_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -51,18 +61,18 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Resolves -1 in the ICI axes. Returns (ici_sizes, dcn_sizes) in MESH_AXES order."""
-  dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
+  dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_expert, cfg.dcn_tensor)
   if any(d < 1 for d in dcn):
     raise ConfigError(f"mesh.dcn_* must be >= 1, got {dcn}.")
   per_slice = num_devices // math.prod(dcn)
   if per_slice * math.prod(dcn) != num_devices:
     raise ConfigError(f"{num_devices} devices do not split into DCN axes {dcn}.")
-  ici = [cfg.data, cfg.fsdp, cfg.tensor]
+  ici = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
   fill = [i for i, n in enumerate(ici) if n == -1]
   if len(fill) > 1:
-    raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {tuple(ici)}.")
+    raise ConfigError(f"mesh: at most one of data/fsdp/expert/tensor may be -1, got {tuple(ici)}.")
   known = math.prod(n for n in ici if n != -1)
   if fill:
     if per_slice % known:
@@ -76,7 +86,7 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[tuple[int, int, int],
 
 
 def make_mesh(cfg: MeshConfig, devices: list[Any] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware when possible."""
+  """Builds the (data, fsdp, expert, tensor) mesh over `devices` (default: all), topology-aware when possible."""
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = axis_sizes(cfg, len(devices))
   if math.prod(dcn) > 1:
@@ -101,8 +111,8 @@ def logical_shardings(logical_tree: Any, mesh: Mesh) -> Any:
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Batch arrays: leading axis over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  """Batch arrays: leading axis over (data, fsdp, expert) (as `act_batch`), the rest replicated."""
+  return NamedSharding(mesh, P(dict(LOGICAL_AXIS_RULES)["act_batch"], *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -5,6 +5,14 @@
 features) before the first layer. Layers are `nn.scan`ned when `scan_layers` (params under `layers` with a
 leading axis named 'layers'), else `layers_0`, `layers_1`, ...; `remat` none | full | dots.
 
+Mixture of experts (`config.moe.num_experts > 0`, vlm_jax/model/moe.py): layer i has a `moe` block instead of
+the SwiGLU `mlp` iff `config.is_moe_layer(i)`. Every layer MoE (every_n_layers = 1): the tree is the dense one
+with `moe` for `mlp`. Interleaved (every_n_layers = n > 1), unscanned: `layers_i/{mlp|moe}`; scanned: the scan
+repeats a group of n layers, params under `layers/layers_j/...` (j = 0..n-1, only j = n-1 has `moe`) with a
+leading axis of num_layers / n groups, so global layer i = group * n + j. The MoE statistics ride the layer
+carry (x, summed stats); `with_aux=True` also returns (aux_loss [], moe_metrics dict) (`moe.summarize`;
+0.0 and {} for a dense decoder).
+
 KV cache (generation). With `decode=True` the decoder reads and writes a linen "cache" collection:
   decoder/index          int32 []              next free slot (shared by all rows: prompts are left-padded)
   decoder/segment_ids    int32 [B, L]          segment of each filled slot (0 = padding / empty)
@@ -28,8 +36,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import DecoderConfig
+from vlm_jax.model import moe as moe_lib
 from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
-from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, stack_layers
+from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, maybe_remat, stack_layers
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -83,15 +92,57 @@ class DecoderLayer(nn.Module):
   config: DecoderConfig
   dtype: Any
   decode: bool = False
+  moe: bool = False  # a mixture-of-experts block (`moe`) instead of the SwiGLU `mlp`
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_index):
+  def __call__(self, carry, positions, mask, cache_index, token_mask):
+    """carry: x [B, S, D], or (x, MoE stats summed so far) when the decoder has MoE layers."""
     c = self.config
+    x, stats = carry if c.moe.num_experts else (carry, None)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
     x = x + Attention(c, self.dtype, self.decode, name="attn")(h, positions, mask, cache_index)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
-    x = x + SwiGLU(c, self.dtype, name="mlp")(h)
-    return constrain(x, ACT_AXES), None
+    if self.moe:
+      y, layer_stats = moe_lib.MoeBlock(c, self.dtype, name="moe")(h, token_mask)
+      stats = jax.tree.map(jnp.add, stats, layer_stats)
+    else:
+      y = SwiGLU(c, self.dtype, name="mlp")(h)
+    x = constrain(x + y, ACT_AXES)
+    return (x if stats is None else (x, stats)), None
+
+
+class DecoderGroup(nn.Module):
+  """`moe.every_n_layers` consecutive layers, the last one MoE: the unit the scan repeats when MoE is interleaved."""
+  config: DecoderConfig
+  dtype: Any
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, carry, *args):
+    n = self.config.moe.every_n_layers
+    for j in range(n):
+      carry, _ = DecoderLayer(self.config, self.dtype, self.decode, moe=j == n - 1, name=f"layers_{j}")(carry, *args)
+    return carry, None
+
+
+def decoder_layers(config: DecoderConfig, dtype: Any, *, decode: bool, scanned: bool, remat: str):
+  """f(carry, positions, mask, cache_index, token_mask) -> carry through all layers (call inside a compact method)."""
+  kwargs = dict(config=config, dtype=dtype, decode=decode)
+  common = dict(scanned=scanned, remat=remat, broadcast_args=4, cache=decode)
+  n = config.moe.every_n_layers
+  if not config.moe.num_experts or n == 1:
+    return stack_layers(DecoderLayer, dict(kwargs, moe=config.moe.num_experts > 0), num_layers=config.num_layers,
+                        **common)
+  if scanned:
+    return stack_layers(DecoderGroup, kwargs, num_layers=config.num_layers // n, **common)
+  block = maybe_remat(DecoderLayer, remat, scanned=False)
+  layers = [block(**kwargs, moe=config.is_moe_layer(i), name=f"layers_{i}") for i in range(config.num_layers)]
+
+  def run(carry, *args):
+    for layer in layers:
+      carry, _ = layer(carry, *args)
+    return carry
+  return run
 
 
 class Decoder(nn.Module):
@@ -103,8 +154,9 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                replace: tuple[jax.Array, jax.Array] | None = None,
-               decode: bool = False) -> tuple[jax.Array, jax.Array]:
-    """input_ids, segment_ids, positions: int [B, S] -> (logits float32 [B, S, V], final hidden [B, S, D])."""
+               decode: bool = False, with_aux: bool = False) -> tuple[Any, ...]:
+    """input_ids, segment_ids, positions: int [B, S] -> (logits float32 [B, S, V], final hidden [B, S, D]),
+    and with `with_aux` also (aux_loss f32 [], moe_metrics dict) as in the module docstring."""
     c = self.config
     embed = Embed(c.vocab_size, c.width, "embed", self.dtype, name="embed")
     x = embed(input_ids)
@@ -126,14 +178,21 @@ class Decoder(nn.Module):
       cache_index = None
       mask = make_attention_mask(segment_ids, segment_ids)
 
-    layers = stack_layers(DecoderLayer, dict(config=c, dtype=self.dtype, decode=decode), num_layers=c.num_layers,
-                          scanned=self.scan_layers, remat="none" if decode else self.remat, broadcast_args=3,
-                          cache=decode)
-    x = layers(x, positions, mask, cache_index)
+    layers = decoder_layers(c, self.dtype, decode=decode, scanned=self.scan_layers,
+                            remat="none" if decode else self.remat)
+    moe = c.moe.num_experts > 0
+    carry = layers((x, moe_lib.empty_stats(c.moe.num_experts)) if moe else x, positions, mask, cache_index,
+                   segment_ids > 0)
+    x, stats = carry if moe else (carry, None)
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)(x)
     logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
-    return logits, x
+    if not with_aux:
+      return logits, x
+    if not moe:
+      return logits, x, jnp.zeros((), jnp.float32), {}
+    num_moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    return (logits, x, *moe_lib.summarize(stats, num_moe_layers))

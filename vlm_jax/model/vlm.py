@@ -1,7 +1,10 @@
 """The VLM: ViT -> projector -> image features spliced into the decoder's `<image>` embeddings.
 
 Entry points (all take / return plain pytrees; params are float32, compute in `config.dtype`):
-  VLM(cfg).apply({"params": p}, batch) -> {"logits": [B, S, V] f32, "hidden_states": [B, S, D] if asked}
+  VLM(cfg).apply({"params": p}, batch) -> {"logits": [B, S, V] f32, "aux_loss": f32 [] (MoE router losses,
+                                     coef-weighted, summed over layers; 0.0 dense), "moe_metrics": {} dense, else
+                                     expert_load [E], dropped_fraction [], load_balancing_loss [], z_loss [],
+                                     "hidden_states": [B, S, D] if asked}
   method=VLM.embed_images            pixel_values [B, N, H, W, 3], tile_mask [B, N] -> [B, N*T, D]
   method=VLM.contrastive_embeddings  -> (image_emb [B, E], text_emb [B, E], logit_scale, logit_bias)
   method=VLM.prefill / VLM.decode_step  KV-cached calls for generation, with mutable=["cache"] and the cache
@@ -92,15 +95,17 @@ class VLM(nn.Module):
     return image_features_at_tokens(batch["input_ids"], features, self.config.image_token_id)
 
   def __call__(self, batch: dict[str, jax.Array], *, return_hidden_states: bool = False) -> dict[str, jax.Array]:
-    """batch (DESIGN.md contract) -> {"logits": f32 [B, S, V], "hidden_states": [B, S, D] (final norm output)}."""
-    logits, hidden = self.decoder(batch["input_ids"], batch["segment_ids"], batch["positions"],
-                                  replace=self._replace(batch))
+    """batch (DESIGN.md contract) -> {"logits": f32 [B, S, V], "aux_loss": f32 [] (add it to the training loss),
+    "moe_metrics": dict (vlm_jax/model/moe.py `summarize`), "hidden_states": [B, S, D] (final norm output)}."""
+    logits, hidden, aux_loss, moe_metrics = self.decoder(batch["input_ids"], batch["segment_ids"],
+                                                         batch["positions"], replace=self._replace(batch),
+                                                         with_aux=True)
     if self.is_initializing() and self.config.contrastive.enabled:
       v, b = self.config.vision, batch["input_ids"].shape[0]
       text = jnp.zeros((b, self.config.contrastive.max_text_len), jnp.int32)
       pixels = jnp.zeros((b, v.image_size, v.image_size, v.num_channels), jnp.float32)
       self.contrastive_embeddings(pixels, text, text == 0)  # creates contrastive/ params
-    out = {"logits": logits}
+    out = {"logits": logits, "aux_loss": aux_loss, "moe_metrics": moe_metrics}
     if return_hidden_states:
       out["hidden_states"] = hidden
     return out
