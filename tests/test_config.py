@@ -76,6 +76,6 @@ def test_dict_round_trip(name):
 
 
 def test_image_tokens_per_tile():
-  assert config.load("shapes_tiny").model.image_tokens_per_tile == 36   # (48/8)^2
+  assert config.load("shapes_tiny").model.image_tokens_per_tile == 9    # (48/8)^2 / 2^2
   assert config.load("smolvlm_256m").model.image_tokens_per_tile == 64  # (512/16)^2 / 4^2
   assert config.load("llava15_7b").model.image_tokens_per_tile == 576   # (336/14)^2, CLS dropped

@@ -126,7 +126,7 @@ def test_to_global_shards_the_batch_over_data_axes(data_dir):
   assert collections.Counter(type(a).__name__ for a in arrays.values()) == {"ArrayImpl": 6}
   for k, a in arrays.items():
     assert a.shape == batch[k].shape
-    assert a.sharding.spec[0] == ("data", "fsdp")
+    assert a.sharding.spec[0] == ("data", "fsdp", "expert")
     np.testing.assert_array_equal(np.asarray(a), batch[k])
   assert arrays["pixel_values"].addressable_shards[0].data.shape == (1, 2, 48, 48, 3)
   assert jax.device_count() == 8
