@@ -127,7 +127,7 @@ def test_grad_accumulation_averages_over_all_supervised_tokens():
     @jax.jit
     def mean_loss_and_grads(params, batch, stage=stage, model=model, labels=labels):
       trainable, frozen = step.split_trainable(params, labels)
-      loss_sum, weight, grads = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
+      loss_sum, _, weight, grads = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
                                                       jax.random.PRNGKey(0))
       return loss_sum / weight, weight, jax.tree.map(lambda g: g / weight, grads)
     with step.use_mesh(mesh):
@@ -152,6 +152,7 @@ def test_grad_accumulation_train_step_metrics_match():
   batch = lm_batch(cfg, seed=1)
   one = run_steps(cfg, "instruct", batch, steps=1)[2][0]
   two = run_steps(cfg, "instruct", batch, steps=1, grad_accum=2)[2][0]
+  assert one["aux_loss"] == 0.0  # dense decoder
   for key in ("loss", "grad_norm", "lr", "num_tokens"):
     np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
 
@@ -189,7 +190,8 @@ def test_eval_step_matches_the_reference_loss():
 
 def test_micro_batches_must_split_over_the_batch_devices():
   cfg = tiny_config()
-  with pytest.raises(ValueError, match=r"8 / 4 = 2 rows per micro-batch do not split over the 4 \(data x fsdp\)"):
+  with pytest.raises(ValueError, match=r"8 / 4 = 2 rows per micro-batch do not split over the 4 "
+                                       r"\('data', 'fsdp', 'expert'\)"):
     run_steps(cfg, "align", lm_batch(cfg), grad_accum=4, batch_size=8)
 
 

@@ -8,11 +8,13 @@ Loss averaging: every micro-batch contributes (loss_sum, weight) and gradients o
 sums by the total weight at the end. For `lm` the weight is the number of supervised tokens, so the loss is the
 mean over all supervised tokens of the global batch, whatever grad_accum and the device count (not a mean of
 per-row or per-micro-batch means). For `contrastive` a micro-batch is one contrastive batch (its negatives) and
-the weight is its number of pairs.
+the weight is its number of pairs. A MoE model's router loss (`aux_loss`) is added to the objective, weighted
+the same way.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -96,7 +98,8 @@ def init_state(params: Any, tx: optax.GradientTransformation, abstract: State, s
 
 def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array],
                 rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """-> (loss_sum f32 [], weight f32 []) of one micro-batch; mean loss = loss_sum / weight."""
+  """-> (loss_sum, aux_sum, weight), f32 [] each, of one micro-batch: mean loss = loss_sum / weight; the MoE
+  router loss enters as aux_loss * weight, so dividing by the total weight averages it over micro-batches."""
   if stage.loss == "contrastive":
     image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], batch["text_ids"],
                                            batch["text_mask"], method=vlm.VLM.contrastive_embeddings,
@@ -106,29 +109,34 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
     else:
       loss = losses.clip_loss(image, text, scale)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
-    return loss * pairs, pairs
-  logits = model.apply({"params": params}, batch, rngs={"dropout": rng})["logits"]
-  loss_sum, count = losses.token_cross_entropy(logits, batch["labels"])
-  return loss_sum, count.astype(jnp.float32)
+    return loss * pairs, jnp.zeros((), jnp.float32), pairs
+  out = model.apply({"params": params}, batch, rngs={"dropout": rng})
+  loss_sum, count = losses.token_cross_entropy(out["logits"], batch["labels"])
+  weight = count.astype(jnp.float32)
+  return loss_sum, jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight, weight
 
 
 def _micro_batches(batch: dict[str, jax.Array], grad_accum: int, mesh: Mesh) -> dict[str, jax.Array]:
   """[B, ...] -> [grad_accum, B / grad_accum, ...]. Micro-batch a takes rows a, a + A, a + 2A, ... so each
   device's local rows spread over all micro-batches and every micro-batch keeps the batch sharding."""
+  batch_axes = data_sharding(mesh, 1).spec[0]
+
   def split(x):
     x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, ("data", "fsdp"))))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, batch_axes)))
   return jax.tree.map(split, batch)
 
 
 def check_batch_split(stage: StageConfig, mesh: Mesh) -> None:
-  """Every micro-batch must split evenly over the (data, fsdp) devices. (Uneven splits pad rows; on CPU, XLA
-  then added garbage from the padding rows into the embedding gradient of the (2, 2, 2) mesh.)"""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  """Every micro-batch must split evenly over the batch devices. (Uneven splits pad rows; on CPU, XLA then added
+  garbage from the padding rows into the embedding gradient on a (data 2, fsdp 2, tensor 2) mesh.)"""
+  batch_axes = data_sharding(mesh, 1).spec[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
   rows = stage.batch_size // stage.grad_accum
   if rows % shards:
     raise ValueError(f"Stage {stage.name!r}: batch_size / grad_accum = {stage.batch_size} / {stage.grad_accum} = "
-                     f"{rows} rows per micro-batch do not split over the {shards} (data x fsdp) devices of the "
+                     f"{rows} rows per micro-batch do not split over the {shards} {batch_axes} devices of the "
                      f"mesh {dict(mesh.shape)}; change batch_size, grad_accum or mesh.")
 
 
@@ -144,15 +152,19 @@ def _merge(a: Any, b: Any) -> Any:
 
 def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
                      batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-  """Sums over stage.grad_accum micro-batches (lax.scan) of (loss_sum, weight, d loss_sum / d trainable).
+  """Sums over stage.grad_accum micro-batches (lax.scan) of (loss_sum, aux_sum, weight, d(loss_sum + aux_sum) /
+  d trainable).
 
   trainable / frozen: the params split by label (None in place of the other group's leaves); only `trainable`
   is differentiated, so frozen towers cost no backward pass. Divide by the weight to get means.
   """
+  def objective(t, micro, micro_rng):
+    loss_sum, aux_sum, weight = _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
+    return loss_sum + aux_sum, (loss_sum, aux_sum, weight)
+
   def grads_of(micro, micro_rng):
-    fn = lambda t: _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
-    (loss_sum, weight), grads = jax.value_and_grad(fn, has_aux=True)(trainable)
-    return loss_sum, weight, grads
+    (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(trainable, micro, micro_rng)
+    return (*terms, grads)
 
   if stage.grad_accum == 1:
     return grads_of(batch, rng)
@@ -160,7 +172,7 @@ def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: 
   def body(carry, xs):
     micro, index = xs
     return jax.tree.map(jnp.add, carry, grads_of(micro, jax.random.fold_in(rng, index))), None
-  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+  zeros = (*[jnp.zeros((), jnp.float32)] * 3, jax.tree.map(jnp.zeros_like, trainable))
   xs = (_micro_batches(batch, stage.grad_accum, mesh), jnp.arange(stage.grad_accum))
   return jax.lax.scan(body, zeros, xs)[0]
 
@@ -181,7 +193,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state["rng"], state["step"])
     trainable, frozen = split_trainable(state["params"], labels)
-    loss_sum, weight, grads = accumulate_grads(model, stage, mesh, trainable, frozen, batch, rng)
+    loss_sum, aux_sum, weight, grads = accumulate_grads(model, stage, mesh, trainable, frozen, batch, rng)
     denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss and grads, not NaN
     grads = jax.tree.map(lambda g: g / denominator, grads)
     full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
@@ -190,7 +202,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
     # Frozen leaves are taken as they were (p + 0 would turn -0.0 into +0.0).
     new_params = jax.tree.map(lambda l, new, old: old if l == optimizer_lib.FROZEN else new,
                               labels, new_params, state["params"])
-    metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / denominator, "aux_loss": aux_sum / denominator, "grad_norm": optax.global_norm(grads),
                "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight}
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
@@ -203,7 +215,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
 def make_eval_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, abstract: State) -> Callable[[Any, dict], dict]:
   """A jitted `(params, batch) -> {"loss", "num_tokens"}` (mean over supervised tokens). Call inside use_mesh."""
   def eval_step(params, batch):
-    loss_sum, weight = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
+    loss_sum, _, weight = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
     return {"loss": loss_sum / jnp.maximum(weight, 1.0), "num_tokens": weight}
   return jax.jit(eval_step, in_shardings=(shardings_of(abstract["params"]), data_sharding(mesh, 1)),
                  out_shardings=replicated(mesh))
