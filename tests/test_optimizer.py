@@ -30,7 +30,8 @@ def stage(**kw):
 
 
 def test_labels_follow_full_match_regexes():
-  labels = optimizer.trainable_labels(toy_params(), stage(trainable=("projector/linear_1/.*", "decoder/lm_head/kernel")))
+  trainable = ("projector/linear_1/.*", "decoder/lm_head/kernel")
+  labels = optimizer.trainable_labels(toy_params(), stage(trainable=trainable))
   flat = dict(zip(jax.tree.leaves(optimizer.param_paths(toy_params())), jax.tree.leaves(labels)))
   assert sorted(p for p, l in flat.items() if l == "train") == [
       "decoder/lm_head/kernel", "projector/linear_1/bias", "projector/linear_1/kernel"]

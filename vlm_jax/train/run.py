@@ -113,5 +113,6 @@ def _batch_tokens(batch: dict[str, np.ndarray]) -> int:
 def _summarize(steps: list[dict[str, np.ndarray]], tokens: int, seconds: float) -> dict[str, float]:
   """Metrics of the steps since the last log: mean loss / aux_loss / grad_norm / num_tokens, the last lr, throughput."""
   mean = lambda k: float(np.mean([m[k] for m in steps]))
-  return {"loss": mean("loss"), "aux_loss": mean("aux_loss"), "grad_norm": mean("grad_norm"), "lr": float(steps[-1]["lr"]),
+  return {"loss": mean("loss"), "aux_loss": mean("aux_loss"), "grad_norm": mean("grad_norm"),
+          "lr": float(steps[-1]["lr"]),
           "num_tokens": mean("num_tokens"), "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(steps)}
