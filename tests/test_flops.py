@@ -16,11 +16,13 @@ WIDE = ["model.scan_layers=false", "model.vision.width=256", "model.vision.mlp_d
         "model.decoder.vocab_size=1024", "model.contrastive.width=256", "model.contrastive.mlp_dim=1024",
         "model.contrastive.embed_dim=128", "model.contrastive.depth=1"]
 B, S, N = 2, 128, 2
+# shapes_tiny's sizes with the LLaVA projector pinned, so the hand-written numbers below stay put.
+TINY = ["model.projector.kind=mlp", "model.projector.act=gelu", "model.vision.feature_layer=-1"]
 
 
 def test_hand_computed_terms():
   """shapes_tiny, batch 1, seq 192, 2 tiles: each term written out as 2*m*k*n."""
-  cfg = config.load("shapes_tiny")
+  cfg = config.load("shapes_tiny", TINY)
   terms = {m.name: m.flops for m in flops.matmuls(cfg, 1, 192, 2)}
   tiles, patches = 2, 36  # 48 px / 8 px patches -> 6x6, SigLIP: no CLS
   assert terms["vision.patch_embed"] == 2 * tiles * patches * (8 * 8 * 3) * 128
@@ -55,7 +57,7 @@ def test_feature_layer_and_pixel_shuffle():
 
 def test_backward_multipliers_per_stage():
   """Frozen with nothing trainable upstream: 1x; frozen under a trainable block: 2x; trainable: 3x."""
-  cfg = config.load("shapes_tiny")
+  cfg = config.load("shapes_tiny", TINY)
   fwd = {}
   for m in flops.matmuls(cfg, 4, 64, 2):
     fwd[m.block] = fwd.get(m.block, 0) + m.flops
@@ -73,10 +75,26 @@ def test_backward_multipliers_per_stage():
   everything = flops.train_step_breakdown(cfg, config.StageConfig(trainable=(".*",)), 4, 64, 2)
   assert everything["vision_embed"] == 2 * fwd["vision_embed"]  # no gradient w.r.t. pixels
   assert everything["total"] == 3 * sum(fwd.values()) - fwd["vision_embed"]
-  text = flops.train_step_breakdown(cfg, "text_pretrain", 4, 64)  # task 'text': no tiles by default
+  text = flops.train_step_breakdown(cfg, "text_pretrain", 4, 64, 0)  # a batch without pixel_values
   assert set(text) == {"decoder_layers", "lm_head", "total"}
   assert text["total"] == 3 * (fwd["decoder_layers"] + fwd["lm_head"])
-  assert flops.train_step_flops(cfg, "instruct") == flops.train_step_breakdown(cfg, "instruct", 32, 192, 2)["total"]
+  defaults = (cfg.train.stage("instruct").batch_size, cfg.data.seq_len, cfg.data.max_tiles)
+  assert flops.train_step_flops(cfg, "instruct") == flops.train_step_breakdown(cfg, "instruct", *defaults)["total"]
+
+
+def test_moe_counts_active_experts():
+  """Interleaved MoE (every 3rd of 3 layers): router + top-2 of 8 experts on one layer, dense SwiGLU on two."""
+  cfg = config.load("shapes_tiny", TINY + ["model.decoder.moe.num_experts=8", "model.decoder.moe.experts_per_token=2",
+                                           "model.decoder.moe.every_n_layers=3", "model.decoder.moe.expert_mlp_dim=256"])
+  terms = {m.name: m for m in flops.matmuls(cfg, 1, 192, 2)}
+  assert terms["decoder.mlp.gate"].flops == 2 * 192 * 192 * 512 * 2  # two dense layers
+  assert terms["decoder.moe.router"].flops == 2 * 192 * 192 * 8
+  assert terms["decoder.moe.gate_up"].flops == 2 * (192 * 2) * 192 * (2 * 256)  # each token in 2 experts
+  assert terms["decoder.moe.down"].flops == 2 * (192 * 2) * 256 * 192
+  assert terms["decoder.moe.down"].weight == "decoder/layers/layers_2/moe/experts/down"
+  assert terms["decoder.attn.q_proj"].weight == "decoder/layers/layers_0/attn/q_proj/kernel"
+  instruct = flops.train_step_breakdown(cfg, "instruct", 1, 192, 2)
+  assert instruct["decoder_layers"] == 3 * sum(m.flops for m in terms.values() if m.block == "decoder_layers")
 
 
 def test_llava_instruct_is_about_six_flops_per_param_per_token():
@@ -96,6 +114,8 @@ def test_llava_instruct_is_about_six_flops_per_param_per_token():
     ("llava15_7b", ["model.vision.depth=2", "model.decoder.num_layers=1", "model.vision.image_size=56",
                     "model.decoder.width=64", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=2",
                     "model.decoder.vocab_size=128", "model.vision.width=64", "model.vision.num_heads=2"]),
+    ("shapes_tiny", ["model.decoder.moe.num_experts=4"]),
+    ("shapes_tiny", ["model.decoder.moe.num_experts=4", "model.decoder.moe.every_n_layers=3"]),
 ])
 @pytest.mark.parametrize("scan", [True, False])
 def test_param_paths_exist_in_the_model(name, overrides, scan):
@@ -135,13 +155,14 @@ def test_forward_matches_xla_cost_analysis():
   assert flops.forward_flops(cfg, B, S, N, causal_as_full=True) == pytest.approx(xla, rel=0.03)
 
 
-@pytest.mark.parametrize("stage", ["text_pretrain", "align", "instruct", "everything"])
+@pytest.mark.parametrize("stage", ["text_pretrain", "text_only_batch", "align", "instruct", "everything"])
 def test_train_step_matches_xla_gradients(stage):
   """XLA's count of value-and-grad w.r.t. the stage's trainable params only: it drops the gradients nobody
   needs (a frozen ViT's backward), as our accounting says."""
   cfg, model, params = _wide_model()
-  st = config.StageConfig(name="everything") if stage == "everything" else cfg.train.stage(stage)
-  tiles = 0 if st.task == "text" else N
+  st = config.StageConfig(name="everything") if stage == "everything" else cfg.train.stage(
+      "text_pretrain" if stage == "text_only_batch" else stage)
+  tiles = 0 if stage == "text_only_batch" else N
   batch = jax.tree.map(jnp.asarray, vlm_lib.dummy_batch(cfg.model, B, S, max(tiles, 1)))
   if not tiles:
     batch = {**batch, "pixel_values": batch["pixel_values"][:, :0], "tile_mask": batch["tile_mask"][:, :0]}

@@ -9,6 +9,8 @@ Conventions (the usual MFU ones, as in PaLM and MaxText):
   kernel does; MaxText does the same). `causal_as_full=True` counts the dense products, which is what
   XLA's cost analysis sees for a dense masked attention. Packed segments do not reduce the count.
 - The ViT runs only up to `vision.feature_layer` (e.g. 23 of 24 blocks for LLaVA's -2).
+- MoE layers count the router and each token's top-k experts (active FLOPs, as MaxText does); the one-hot
+  dispatch / combine einsums and empty capacity slots are not counted.
 - Rematerialization is not counted: these are model FLOPs, not hardware FLOPs.
 
 Backward pass, per matmul with weight W, input X and output Y = X W (forward f FLOPs):
@@ -62,11 +64,30 @@ def _upstream(block: str) -> set[str]:
   return out
 
 
+def _decoder_prefixes(cfg: Config) -> tuple[str, str | None, str | None]:
+  """Param path prefixes of a decoder layer's attention, of a dense-MLP layer and of an MoE layer (None when
+  the model has no such layer), following decoder.py's layouts (scanned groups when MoE is interleaved)."""
+  d, scan = cfg.model.decoder, cfg.model.scan_layers
+  kinds = [d.is_moe_layer(i) for i in range(d.num_layers)]
+  if not scan:
+    first = lambda moe: f"decoder/layers_{kinds.index(moe)}" if moe in kinds else None
+    return "decoder/layers_0", first(False), first(True)
+  n = d.moe.every_n_layers
+  if not d.moe.num_experts or n == 1:
+    return "decoder/layers", None if d.moe.num_experts else "decoder/layers", (
+        "decoder/layers" if d.moe.num_experts else None)
+  return "decoder/layers/layers_0", "decoder/layers/layers_0", f"decoder/layers/layers_{n - 1}"
+
+
 def _block_params(cfg: Config) -> dict[str, tuple[str, ...]]:
   """Representative parameter paths per block (DESIGN.md's tree) used to decide what trains."""
   layers = "layers" if cfg.model.scan_layers else "layers_0"
   v = f"vision/{layers}"
-  d = f"decoder/{layers}"
+  attn, dense_mlp, moe = _decoder_prefixes(cfg)
+  mlp_params = tuple(f"{dense_mlp}/{p}" for p in ("mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel")
+                     ) if dense_mlp else ()
+  if moe:
+    mlp_params += tuple(f"{moe}/moe/{p}" for p in ("router/kernel", "experts/gate_up", "experts/down"))
   head = "decoder/embed/embedding" if cfg.model.decoder.tie_embeddings else "decoder/lm_head/kernel"
   projector = (("projector/proj/kernel",) if cfg.model.projector.kind == "pixel_shuffle" else
                ("projector/linear_1/kernel", "projector/linear_1/bias", "projector/linear_2/kernel",
@@ -80,9 +101,9 @@ def _block_params(cfg: Config) -> dict[str, tuple[str, ...]]:
       "vision_layers": tuple(f"{v}/{p}" for p in encoder_block) + (
           "vision/post_layernorm/scale", "vision/post_layernorm/bias"),
       "projector": projector,
-      "decoder_layers": ("decoder/embed/embedding",) + tuple(f"{d}/{p}" for p in (
+      "decoder_layers": ("decoder/embed/embedding",) + tuple(f"{attn}/{p}" for p in (
           "attn_norm/scale", "attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel",
-          "attn/o_proj/kernel", "mlp_norm/scale", "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel")),
+          "attn/o_proj/kernel", "mlp_norm/scale")) + mlp_params,
       "lm_head": ("decoder/final_norm/scale", head),
       "contrastive_image": tuple(f"contrastive/image_pool/{p}" for p in (
           "probe", "q/kernel", "k/kernel", "v/kernel", "out/kernel", "ln/scale", "mlp/fc1/kernel",
@@ -177,18 +198,28 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
 
   seq_len = cfg.data.seq_len if seq_len is None else seq_len
   tokens, hd, width, n = batch_size * seq_len, d.resolved_head_dim, d.width, d.num_layers
-  params = f"decoder/{layers}"
-  t.add("decoder.attn.q_proj", "decoder_layers", f"{params}/attn/q_proj/kernel", tokens, width, d.num_heads * hd, n)
+  attn, dense_mlp, moe = _decoder_prefixes(cfg)
+  t.add("decoder.attn.q_proj", "decoder_layers", f"{attn}/attn/q_proj/kernel", tokens, width, d.num_heads * hd, n)
   for proj in ("k_proj", "v_proj"):
-    t.add(f"decoder.attn.{proj}", "decoder_layers", f"{params}/attn/{proj}/kernel", tokens, width,
+    t.add(f"decoder.attn.{proj}", "decoder_layers", f"{attn}/attn/{proj}/kernel", tokens, width,
           d.num_kv_heads * hd, n)
   attended = seq_len if causal_as_full else seq_len / 2  # keys per query on average under the causal mask
   t.add("decoder.attn.scores", "decoder_layers", None, tokens, d.num_heads * hd, attended, n)
   t.add("decoder.attn.values", "decoder_layers", None, tokens, attended, d.num_heads * hd, n)
-  t.add("decoder.attn.o_proj", "decoder_layers", f"{params}/attn/o_proj/kernel", tokens, d.num_heads * hd, width, n)
-  for proj in ("gate", "up"):
-    t.add(f"decoder.mlp.{proj}", "decoder_layers", f"{params}/mlp/{proj}/kernel", tokens, width, d.mlp_dim, n)
-  t.add("decoder.mlp.down", "decoder_layers", f"{params}/mlp/down/kernel", tokens, d.mlp_dim, width, n)
+  t.add("decoder.attn.o_proj", "decoder_layers", f"{attn}/attn/o_proj/kernel", tokens, d.num_heads * hd, width, n)
+  n_moe = sum(d.is_moe_layer(i) for i in range(n))
+  if dense_mlp:
+    for proj in ("gate", "up"):
+      t.add(f"decoder.mlp.{proj}", "decoder_layers", f"{dense_mlp}/mlp/{proj}/kernel", tokens, width, d.mlp_dim,
+            n - n_moe)
+    t.add("decoder.mlp.down", "decoder_layers", f"{dense_mlp}/mlp/down/kernel", tokens, d.mlp_dim, width, n - n_moe)
+  if moe:
+    # Active FLOPs: each token through its top-k experts. The one-hot dispatch / combine einsums and empty
+    # capacity slots are work the hardware does but not model FLOPs (as MaxText counts MoE).
+    e, k, f = d.moe.num_experts, d.moe.experts_per_token, d.resolved_expert_mlp_dim
+    t.add("decoder.moe.router", "decoder_layers", f"{moe}/moe/router/kernel", tokens, width, e, n_moe)
+    t.add("decoder.moe.gate_up", "decoder_layers", f"{moe}/moe/experts/gate_up", tokens * k, width, 2 * f, n_moe)
+    t.add("decoder.moe.down", "decoder_layers", f"{moe}/moe/experts/down", tokens * k, f, width, n_moe)
   head = "decoder/embed/embedding" if d.tie_embeddings else "decoder/lm_head/kernel"
   t.add("decoder.lm_head", "lm_head", head, tokens, width, d.vocab_size)
   return t.items
@@ -216,13 +247,11 @@ def train_step_breakdown(cfg: Config, stage: StageConfig | str | None = None, ba
                          seq_len: int | None = None, num_tiles: int | None = None) -> dict[str, float]:
   """FLOPs of one training step (all micro-batches), forward + backward, per block and 'total'.
 
-  Defaults: the last stage, its global batch_size, data.seq_len, and data.max_tiles tiles per row (none for
-  the 'text' task, which feeds no images).
+  Defaults: the last stage, its global batch_size, data.seq_len, data.max_tiles (the loader fills that many
+  tile slots per row for every task, also 'text'; pass num_tiles=0 for a batch without pixel_values).
   """
   stage = _stage(cfg, stage)
   batch_size = stage.batch_size if batch_size is None else batch_size
-  if num_tiles is None and stage.task == "text":
-    num_tiles = 0
   trains = {b: any(is_trainable(p, stage.trainable) for p in paths) for b, paths in _block_params(cfg).items()}
   before = {b: any(trains[u] for u in _upstream(b)) for b in BLOCK_INPUTS}
   out = dict.fromkeys(BLOCK_INPUTS, 0.0)

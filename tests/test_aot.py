@@ -1,0 +1,126 @@
+"""vlm_jax.aot: compile the real train step for TPU topologies on this CPU machine (libtpu, no TPU) and
+check the memory numbers against what the param count says they must be."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlm_jax import aot, config, flops, sharding
+from vlm_jax.model import vlm as vlm_lib
+from vlm_jax.train import optimizer as optimizer_lib
+
+pytestmark = pytest.mark.tpu
+MiB = 1024 ** 2
+
+
+def state_bytes(cfg, stage_name, fsdp=1):
+  """(params f32 + Adam mu/nu f32 of the trainable params) bytes per device, and the part of it that cannot
+  shard over an fsdp axis of size `fsdp` (leaves whose logical axes map to no fsdp: norms, biases, ...)."""
+  shapes, logical = vlm_lib.abstract_params(cfg.model)
+  labels = jax.tree.leaves(optimizer_lib.trainable_labels(shapes, cfg.train.stage(stage_name)))
+  specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
+  total = replicated = 0
+  for x, label, spec in zip(jax.tree.leaves(shapes), labels, specs):
+    nbytes = math.prod(x.shape) * (12 if label == "train" else 4)
+    on_fsdp = "fsdp" in jax.tree.leaves(tuple(sharding.logical_to_spec(tuple(spec))))
+    total += nbytes / fsdp if on_fsdp else nbytes
+    replicated += 0 if on_fsdp else nbytes
+  return total, replicated
+
+
+def batch_bytes(cfg, batch_size, seq_len):
+  """Bytes of a global LM batch: 4 int32 [B, S] arrays, pixels f32 [B, N, H, W, 3], tile_mask bool [B, N]."""
+  v, n = cfg.model.vision, cfg.data.max_tiles
+  return batch_size * (4 * 4 * seq_len + 4 * n * v.image_size ** 2 * 3 + n)
+
+
+def test_topology_next_to_the_cpu_backend():
+  """conftest already made 8 CPU devices; topology descriptions still work and leave them alone."""
+  chip, devices, chips = aot.topology_devices("v5e:2x2")
+  assert (chip.name, len(devices), chips) == ("TPU v5e", 4, 4)
+  assert devices[0].device_kind == "TPU v5 lite"
+  chip, devices, chips = aot.topology_devices("v4:2x2x1")
+  assert (chip.hbm_bytes, len(devices), chips) == (32 * 1024 ** 3, 8, 4)  # two TensorCores per v4 chip
+  assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
+  with pytest.raises(config.ConfigError, match="v5e:2x4"):
+    aot.topology_devices("v7x:2x2")
+
+
+def test_memory_stats_of_a_sharded_matmul():
+  _, devices, _ = aot.topology_devices("v5e:2x2")
+  mesh = Mesh(np.array(devices).reshape(2, 2), ("a", "b"))
+  x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, P("a", None)))
+  y = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "b")))
+  fn = jax.jit(lambda x, y: x @ y, out_shardings=NamedSharding(mesh, P("a", "b")))
+  m = aot.compile_memory(fn, x, y)["memory"]
+  assert m["argument"] == 2 * 2048 * 4096 * 2  # each device holds half of x and half of y
+  assert m["output"] == 2048 * 2048 * 2 and m["alias"] == 0
+  assert m["total"] >= m["argument"] + m["output"] + m["generated_code"]
+
+
+def test_shapes_tiny_on_v5e_2x2():
+  cfg = config.load("shapes_tiny")
+  r = aot.aot_report(cfg, "v5e:2x2", "instruct")
+  assert r["mesh"]["data"] == 4 and math.prod(r["mesh"].values()) == 4 and r["fits"]
+  train = r["programs"]["train_step"]["memory"]
+  # Replicated params (f32) and Adam moments of the trainable ones, a quarter of the batch, step and rng;
+  # TPU layouts pad small arrays to (8, 128) tiles, which adds ~9% on a model this small.
+  state, _ = state_bytes(cfg, "instruct")
+  assert r["params"] * 4 + r["trainable_params"] * 8 == state
+  expected = state + batch_bytes(cfg, 32, cfg.data.seq_len) / 4 + 4 + 8
+  assert expected <= train["argument"] <= 1.12 * expected
+  assert state <= train["alias"] <= 1.12 * state  # the donated state is updated in place
+  assert r["flops_per_step"] == flops.train_step_flops(cfg, "instruct")
+  assert r["compute_seconds"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
+  assert r["step_seconds_bound"] == max(r["compute_seconds"], r["memory_seconds"])
+  assert r["programs"]["prefill"]["fits"]
+
+
+def test_out_of_hbm_is_reported_not_raised(monkeypatch, capsys):
+  """A 64k vocabulary at batch 4096 needs ~80 GB of logits per v5e chip: XLA refuses, the report says so,
+  and `vlm-jax aot` (main) exits 1."""
+  cfg = config.load("shapes_tiny", ["model.decoder.vocab_size=65536", "model.vision.depth=1",
+                                    "model.decoder.num_layers=1"])
+  r = aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=4096, prefill=False)
+  train = r["programs"]["train_step"]
+  assert not r["fits"] and not train["fits"] and train["memory"] is None
+  assert train["error"].startswith("RESOURCE_EXHAUSTED") and "HBM" in train["error"]
+  assert r["memory_seconds"] is None and r["step_seconds_bound"] == r["compute_seconds"]
+  monkeypatch.setattr(aot, "aot_report", lambda *args, **kwargs: r)
+  assert aot.main(cfg, "v5e:2x2", "instruct", 4096) == 1
+  out = capsys.readouterr().out
+  assert "out of HBM: RESOURCE_EXHAUSTED" in out and out.rstrip().endswith("fits: NO")
+
+
+@pytest.mark.slow
+def test_smolvlm_256m_instruct_fits_v5e_2x4():
+  """Data parallel over 8 v5e chips, global batch 32 x 2048 tokens, 17 tiles per row."""
+  cfg = config.load("smolvlm_256m")
+  r = aot.aot_report(cfg, "v5e:2x4", "instruct", batch_size=32, seq_len=2048, prefill=False)
+  assert r["fits"] and r["mesh"]["data"] == 8 and r["num_chips"] == 8
+  train = r["programs"]["train_step"]["memory"]
+  state, _ = state_bytes(cfg, "instruct")
+  assert train["argument"] == pytest.approx(state + batch_bytes(cfg, 32, 2048) / 8, rel=0.02)
+  assert train["alias"] == pytest.approx(state, rel=0.02)
+  assert train["total"] < 16 * 1024 ** 3
+  assert r["flops_per_step"] == flops.train_step_flops(cfg, "instruct", 32, 2048)
+
+
+@pytest.mark.slow
+def test_llava15_7b_instruct_fits_v5p_2x2x2_with_fsdp():
+  """7B params + Adam for the 6.8B trainable ones (~82 GB) only fit when FSDP shards them over 8 chips."""
+  cfg = config.load("llava15_7b")
+  r = aot.aot_report(cfg, "v5p:2x2x2", "instruct", prefill=False)
+  assert r["fits"] and r["mesh"]["fsdp"] == 8 and r["batch_size"] == 128
+  assert r["params"] == pytest.approx(7.06e9, rel=0.01) and r["trainable_params"] == pytest.approx(6.76e9, rel=0.01)
+  train = r["programs"]["train_step"]["memory"]
+  state, replicated = state_bytes(cfg, "instruct", fsdp=8)
+  batch = batch_bytes(cfg, 128, 2048) / 8
+  # Everything but the unshardable leaves is split 8 ways; those few MB bound the tolerance (plus padding).
+  assert state + batch <= train["argument"] <= (state + batch + replicated) * 1.01
+  unsharded, _ = state_bytes(cfg, "instruct")
+  assert unsharded > 80e9 and train["argument"] < 11 * 1024 ** 3
+  assert train["total"] < 95 * 1024 ** 3

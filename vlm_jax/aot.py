@@ -1,0 +1,234 @@
+"""Ahead-of-time compilation for a TPU topology on any machine: does a config fit, and how fast could it be?
+
+`aot_report(config, "v5e:2x4")` builds the config's mesh over the devices of a TPU topology description
+(libtpu compiles for it; no TPU needed), then lowers and compiles the real train step of a stage
+(vlm_jax/train/step.py: params, optimizer state and batch with their shardings, state donated) and a
+prefill (the forward pass over a batch of prompts, returning last-position logits). From the compiled
+executables it reads the per-device memory (XLA's buffer assignment) and compares it with the chip's HBM;
+with the analytic model FLOPs (vlm_jax/flops.py) it gives a roofline bound on the step time:
+
+  compute time = model FLOPs / (chips * peak bf16 FLOP/s)
+  memory time  = bytes per device / HBM bandwidth, bytes = arguments read once + outputs written once +
+                 the peak temporaries written and read once (a lower bound on HBM traffic)
+  step time   >= max(compute time, memory time);  MFU <= compute time / step time bound.
+
+A compile that runs out of HBM (XLA fails with RESOURCE_EXHAUSTED) is reported as not fitting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+
+from vlm_jax import flops as flops_lib
+from vlm_jax.config import Config, ConfigError
+from vlm_jax.model import vlm
+from vlm_jax.sharding import data_sharding, make_mesh
+from vlm_jax.train import optimizer as optimizer_lib
+from vlm_jax.train import step as step_lib
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip numbers: HBM capacity, dense bf16 peak, HBM bandwidth."""
+  name: str
+  hbm_bytes: int
+  peak_flops: float
+  hbm_bandwidth: float
+
+
+# Public spec-sheet numbers per chip (a v4 / v5p chip holds two TensorCores; a topology description may
+# list each core as a device, then each gets half).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.82e12),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.76e12),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1.64e12),
+}
+
+
+def topology_devices(topology: str) -> tuple[Chip, list[Any], int]:
+  """'v5e:2x4' -> (chip, the topology's devices, number of chips). Works without a TPU (libtpu only)."""
+  kind = topology.split(":")[0]
+  if kind not in CHIPS or ":" not in topology:
+    raise ConfigError(f"Topology {topology!r}: expected <chip>:<shape> with chip one of {sorted(CHIPS)}, "
+                      f"e.g. v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4.")
+  # Compiling touches no TPU, so let libtpu load next to another process that holds it (a run, or a
+  # parallel test); without this libtpu refuses with "Internal error when accessing libtpu lockfile".
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  chips = len({tuple(d.coords) for d in devices})
+  return CHIPS[kind], devices, chips
+
+
+def memory_stats(compiled: Any) -> dict[str, int]:
+  """Per-device bytes of a compiled executable: argument, output, alias (outputs reusing donated inputs),
+  temp, generated_code, and total = generated code + the larger of XLA's peak estimate and
+  arguments + outputs - aliases + temps (the two disagree either way by a few percent to 25%; the larger
+  one is the safe side for `fits`)."""
+  m = compiled.memory_analysis()
+  out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+         "temp": m.temp_size_in_bytes, "generated_code": m.generated_code_size_in_bytes}
+  live = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  out["total"] = max(getattr(m, "peak_memory_in_bytes", 0), live) + out["generated_code"]
+  return out
+
+
+def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
+  """Lowers and compiles fn(*args) -> {"memory": memory_stats, "error": None, "compile_seconds"}, or
+  memory None and the error message when XLA finds it does not fit in HBM."""
+  start = time.perf_counter()
+  # The persistent compilation cache cannot load executables compiled for a topology (no TPU client), so
+  # writing them there only wastes disk and warns on the next run.
+  cache_enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    compiled = fn.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"memory": None, "error": str(e).splitlines()[0], "compile_seconds": time.perf_counter() - start}
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_enabled)
+  return {"memory": memory_stats(compiled), "error": None, "compile_seconds": time.perf_counter() - start}
+
+
+def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num_tiles: int,
+                   mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs of a global batch, leading axis sharded over (data, fsdp)."""
+  if loss == "contrastive":
+    size, length = config.model.vision.image_size, config.model.contrastive.max_text_len
+    arrays = {"pixel_values": np.zeros((batch_size, 1, size, size, 3), np.float32),
+              "text_ids": np.zeros((batch_size, length), np.int32), "text_mask": np.ones((batch_size, length), bool)}
+  else:
+    arrays = vlm.dummy_batch(config.model, batch_size, seq_len, num_tiles)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding(mesh, v.ndim)) for k, v in arrays.items()}
+
+
+def compile_train_step(config: Config, stage: Any, mesh: Any, batch: dict) -> dict[str, Any]:
+  """Compiles the stage's real train step (state donated) for the mesh."""
+  shapes, _ = vlm.abstract_params(config.model)
+  tx = optimizer_lib.make_optimizer(stage, shapes)
+  abstract = step_lib.abstract_state(config, stage, mesh, tx)
+  with step_lib.use_mesh(mesh):
+    train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
+    return compile_memory(train_step, abstract, batch)
+
+
+def compile_prefill(config: Config, mesh: Any, batch: dict) -> dict[str, Any]:
+  """Compiles a prompt forward pass that keeps only the last position's logits ([B, V], what decoding needs)."""
+  _, p_shardings = step_lib.param_shardings(config, mesh)
+  shapes, _ = vlm.abstract_params(config.model)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, p_shardings)
+  model = vlm.VLM(config.model)
+  prompt = {k: v for k, v in batch.items() if k != "labels"}
+
+  def prefill(params, batch):
+    return model.apply({"params": params}, batch)["logits"][:, -1]
+  with step_lib.use_mesh(mesh):
+    return compile_memory(jax.jit(prefill), params, prompt)
+
+
+def aot_report(config: Config, topology: str, stage_name: str | None = None, batch_size: int | None = None,
+               seq_len: int | None = None, prefill: bool = True) -> dict[str, Any]:
+  """Compiles a stage's train step (and a prefill) for a TPU topology; returns memory, FLOPs and roofline.
+
+  Defaults: the last stage, its global batch_size, data.seq_len; tiles per row = data.max_tiles.
+  Memory numbers are bytes per device; `fits` says whether every compiled program fits the device's HBM.
+  """
+  stage = config.train.stage(stage_name) if stage_name else config.train.stages[-1]
+  batch_size = stage.batch_size if batch_size is None else batch_size
+  seq_len = config.data.seq_len if seq_len is None else seq_len
+  num_tiles = config.data.max_tiles
+  chip, devices, num_chips = topology_devices(topology)
+  per_chip = len(devices) // num_chips
+  mesh = make_mesh(config.mesh, devices)
+  batch_axes = data_sharding(mesh, 1).spec[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
+  if batch_size % batch_shards:
+    raise ConfigError(f"batch_size={batch_size} is not divisible by the {batch_shards} batch shards (mesh axes "
+                      f"{'*'.join(batch_axes)}) on {topology}.")
+  batch = abstract_batch(config, stage.loss, batch_size, seq_len, num_tiles, mesh)
+  shapes, _ = vlm.abstract_params(config.model)
+  labels = jax.tree.leaves(optimizer_lib.trainable_labels(shapes, stage))
+  sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+  hbm = chip.hbm_bytes // per_chip
+
+  programs = {"train_step": compile_train_step(config, stage, mesh, batch)}
+  if prefill and stage.loss == "lm":
+    programs["prefill"] = compile_prefill(config, mesh, batch)
+  for p in programs.values():
+    p["fits"] = p["memory"] is not None and p["memory"]["total"] <= hbm
+
+  step_flops = flops_lib.train_step_flops(config, stage, batch_size, seq_len, num_tiles)
+  compute_seconds = step_flops / (num_chips * chip.peak_flops)
+  train_memory = programs["train_step"]["memory"]
+  if train_memory:
+    moved = train_memory["argument"] + train_memory["output"] + 2 * train_memory["temp"]
+    memory_seconds = moved / (chip.hbm_bandwidth / per_chip)
+  else:
+    moved = memory_seconds = None
+  bound = max(compute_seconds, memory_seconds or 0.0)
+  return {
+      "config": config.name, "topology": topology, "chip": chip.name, "num_chips": num_chips,
+      "num_devices": len(devices), "mesh": dict(mesh.shape), "stage": stage.name, "batch_size": batch_size,
+      "seq_len": seq_len, "num_tiles": num_tiles if stage.loss == "lm" else 1, "grad_accum": stage.grad_accum,
+      "params": sum(sizes), "trainable_params": sum(n for n, l in zip(sizes, labels) if l == optimizer_lib.TRAIN),
+      "hbm_per_device": hbm, "programs": programs,
+      "fits": all(p["fits"] for p in programs.values()),
+      "flops_per_step": step_flops, "hbm_bytes_moved_per_device": moved,
+      "compute_seconds": compute_seconds, "memory_seconds": memory_seconds, "step_seconds_bound": bound,
+      "mfu_bound": compute_seconds / bound if bound else None,
+  }
+
+
+def _gib(n: int | None) -> str:
+  if n is None:
+    return "-"
+  return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """A plain-text table of an aot_report."""
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"{r['config']} / stage {r['stage']} on {r['topology']}: {r['num_chips']} x {r['chip']} "
+           f"({r['num_devices']} devices, mesh {mesh})",
+           f"global batch {r['batch_size']} x seq {r['seq_len']}, {r['num_tiles']} tile(s)/row, grad_accum "
+           f"{r['grad_accum']}; params {r['params'] / 1e6:.1f}M, trainable {r['trainable_params'] / 1e6:.1f}M",
+           "",
+           f"{'per device':<12}{'argument':>12}{'output':>12}{'alias':>12}{'temp':>12}{'code':>12}{'total':>12}"
+           f"{'HBM':>12}  fits  compile"]
+  for name, p in r["programs"].items():
+    m = p["memory"]
+    if m is None:
+      lines.append(f"{name:<12}{'out of HBM: ' + p['error']}")
+      continue
+    cells = "".join(f"{_gib(m[k]):>12}" for k in ("argument", "output", "alias", "temp", "generated_code", "total"))
+    lines.append(f"{name:<12}{cells}{_gib(r['hbm_per_device']):>12}  {'yes' if p['fits'] else 'NO ':<4}"
+                 f"  {p['compile_seconds']:.1f}s")
+  lines += ["", f"model FLOPs per step   {r['flops_per_step']:.3e}",
+            f"compute time           {r['compute_seconds'] * 1e3:.1f} ms at peak"]
+  if r["memory_seconds"] is not None:
+    lines += [f"HBM time               {r['memory_seconds'] * 1e3:.1f} ms "
+              f"({_gib(r['hbm_bytes_moved_per_device'])} per device, lower bound)",
+              f"step time bound        {r['step_seconds_bound'] * 1e3:.1f} ms -> MFU <= {r['mfu_bound']:.0%}"]
+  lines.append(f"fits: {'yes' if r['fits'] else 'NO'}")
+  return "\n".join(lines)
+
+
+def main(config: Config, topology: str, stage_name: str | None = None, batch_size: int | None = None,
+         seq_len: int | None = None) -> int:
+  """`vlm-jax aot`: prints the report; exit code 0 when everything fits, 1 when not."""
+  report = aot_report(config, topology, stage_name, batch_size, seq_len)
+  print(format_report(report))
+  return 0 if report["fits"] else 1
