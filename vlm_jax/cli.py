@@ -88,6 +88,12 @@ def cmd_demo(args) -> int:
   return 0
 
 
+def cmd_aot(args) -> int:
+  from vlm_jax import aot  # pylint: disable=import-outside-toplevel
+  return aot.main(_load(args), args.topology, stage_name=args.stage, batch_size=args.batch_size,
+                  seq_len=args.seq_len)
+
+
 def _parse_options(items: list[str]) -> list[tuple[str, object]]:
   out = []
   for item in items:
@@ -157,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test records")
   p.add_argument("--no-export", action="store_true", help="skip the transformers export step")
   p.set_defaults(fn=cmd_demo)
+
+  p = sub.add_parser("aot", help="compile the train step for a TPU topology on this machine (needs the tpu "
+                     "extra, no TPU); print per-chip HBM, FLOPs and a roofline bound; exit 1 if it does not fit")
+  _add_config_args(p)
+  p.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4")
+  p.add_argument("--stage", default=None, help="stage to compile (default: the last)")
+  p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the stage's)")
+  p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.seq_len)")
+  p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("config", help="config tools")
   csub = p.add_subparsers(dest="config_command", required=True)
