@@ -59,7 +59,8 @@ def test_show_config_batch_on_prepared_shapes(tmp_path):
   options = dict(num_train=8, num_validation=4, num_test=4)
   datasets.prepare("shapes_vqa", str(tmp_path), **options)
   dataset = f"shapes_vqa/{datasets.get_builder('shapes_vqa', str(tmp_path), **options).builder_config.name}"
-  cfg = config_lib.load("shapes_tiny", [f"data.data_dir={tmp_path}",
+  cfg = config_lib.load("shapes_tiny", [f"data.data_dir={tmp_path}", "data.seq_len=192",  # pinned: LLaVA-style
+                                        "model.projector.kind=mlp", "model.vision.post_layernorm=false",
                                         f"train.stages.instruct.datasets=[('{dataset}', 1.0)]"])
   out = show.show_config_batch(cfg, split="validation", stage="instruct", rows=2).splitlines()
   assert out[0] == f"stage instruct (task conversation) on validation of {dataset}"
