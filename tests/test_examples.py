@@ -98,7 +98,9 @@ def test_caption_text_image_text(tok):
   assert decoded_labels(tok, ex) == "A red circle.<|im_end|>"
   ex = pre.to_example(record(), "text")
   assert tok.decode(ex["input_ids"]) == "A red circle.\nWhat colour?\nRed.\nHow many?\nTwo"
-  assert ex["input_ids"][-1] == tok.eos_id and np.array_equal(ex["labels"], ex["input_ids"])
+  assert ex["input_ids"][0] == tok.bos_id and ex["input_ids"][-1] == tok.eos_id
+  # every token but the leading bos is a target
+  assert ex["labels"][0] == -100 and np.array_equal(ex["labels"][1:], ex["input_ids"][1:])
   assert ex["tiles"].shape == (0, 16, 16, 3)
   ex = pre.to_example(record(caption="A red circle and two blue squares."), "image_text")
   assert ex["pixel_values"].shape == (1, 16, 16, 3)
@@ -114,7 +116,7 @@ def test_caption_text_image_text(tok):
 def test_text_truncated_to_seq_len(tok):
   pre = Preprocessor(make_config(seq_len=5), tok)
   ex = pre.to_example(record(), "text")
-  assert ex["input_ids"].tolist() == tok.encode("A red circle.\nWhat colour?\nRed.\nHow many?\nTwo")[:5]
+  assert ex["input_ids"].tolist() == [tok.bos_id] + tok.encode("A red circle.\nWhat colour?\nRed.\nHow many?\nTwo")[:4]
   assert pre.counts == {"kept": 1, "truncated": 1}
 
 

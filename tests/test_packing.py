@@ -51,6 +51,10 @@ def test_pack_segments_positions_tiles():
   np.testing.assert_array_equal(first["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
   np.testing.assert_array_equal(first["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
   np.testing.assert_array_equal(first["labels"], [-100, -100, 13, -100, 22, -100, -100, -100])
+  # a segment's first label is never a target (the previous segment's last token would predict it)
+  fully_labelled = {**B, "labels": B["input_ids"].copy()}
+  row = packing.make_row([A, fully_labelled], seq_len=8, max_tiles=3, pad_id=PAD)
+  np.testing.assert_array_equal(row["labels"], [-100, -100, 13, -100, 22, -100, -100, -100])
   np.testing.assert_array_equal(first["tile_mask"], [True, True, True])
   np.testing.assert_array_equal(first["pixel_values"][:, 0, 0, 0], [1.0, 2.0, 2.0])
   np.testing.assert_array_equal(second["segment_ids"], [1, 1, 1, 1, 0, 0, 0, 0])

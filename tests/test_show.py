@@ -30,16 +30,16 @@ def test_describe_batch_exact():
       "batch: input_ids int32[2, 64], labels int32[2, 64], segment_ids int32[2, 64], positions int32[2, 64], "
       "pixel_values float32[2, 4, 16, 16, 3], tile_mask bool[2, 4]",
       f"row 0: segments 1:{n1} tokens pos 0..{n1 - 1} | 2:{n2} tokens pos 0..{n2 - 1} | pad {64 - n1 - n2} right"
-      f" | labelled {len(tok.encode('Red.<|im_end|>')) + n2} | tiles 3/4",
+      f" | labelled {len(tok.encode('Red.<|im_end|>')) + n2 - 1} | tiles 3/4",
       "  images 1: 1x2 grid + global",
       "  text 1: <|im_start|>user\\n<fake_token_around_image><row_1_col_1><image>*1<fake_token_around_image>"
       "<row_1_col_2><image>*1\\n\\n<fake_token_around_image><global-img><image>*1<fake_token_around_image>"
       "Colour?<|im_end|>\\n<|im_start|>assistant\\n[[Red.<|im_end|>]]\\n",
       "  images 2: none",
-      "  text 2: [[Red.\\nColour?\\nRed.</s>]]",
-      f"row 1: segments 1:{n2} tokens pos 0..{n2 - 1} | pad {64 - n2} left | labelled {n2} | tiles 0/4",
+      "  text 2: <s>[[Red.\\nColour?\\nRed.</s>]]",
+      f"row 1: segments 1:{n2} tokens pos 0..{n2 - 1} | pad {64 - n2} left | labelled {n2 - 1} | tiles 0/4",
       "  images 1: none",
-      "  text 1: [[Red.\\nColour?\\nRed.</s>]]",
+      "  text 1: <s>[[Red.\\nColour?\\nRed.</s>]]",
   ]
 
 

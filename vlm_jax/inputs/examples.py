@@ -19,6 +19,7 @@ import numpy as np
 
 from vlm_jax.config import Config
 from vlm_jax.inputs import chat, images
+from vlm_jax.losses import IGNORE_ID
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, MAX_GRID, Tokenizer
 
 TASKS = ("conversation", "caption", "text", "image_text")
@@ -95,13 +96,17 @@ class Preprocessor:
     text = "\n".join(t.strip() for t in texts if t.strip())
     if not text:
       return self._drop("no_text")
-    ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+    # A leading bos makes the first word a target too (a position's label is predicted from the one before).
+    bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+    ids = bos + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
     if len(ids) > self.seq_len:
       ids = ids[:self.seq_len]
       self.counts["truncated"] += 1
     ids = np.asarray(ids, np.int32)
+    labels = ids.copy()
+    labels[:len(bos)] = IGNORE_ID
     size = self.config.model.vision.image_size
-    return {"input_ids": ids, "labels": ids.copy(), "tiles": np.zeros([0, size, size, 3], np.float32)}
+    return {"input_ids": ids, "labels": labels, "tiles": np.zeros([0, size, size, 3], np.float32)}
 
   def _image_text(self, record: dict) -> dict | None:
     if not record["images"]:

@@ -32,7 +32,10 @@ def make_row(examples: list[dict], seq_len: int, max_tiles: int, pad_id: int,
   if padding_side not in ("right", "left"):
     raise ValueError(f"padding_side={padding_side!r} is not 'right' or 'left'.")
   input_ids = np.concatenate([e["input_ids"] for e in examples]).astype(np.int32)
-  labels = np.concatenate([e["labels"] for e in examples]).astype(np.int32)
+  # The loss shifts (position t predicts labels[t + 1]): a segment's first label would be predicted by the
+  # previous segment's last token, so it is never a target. Loss never crosses segments, like attention.
+  labels = np.concatenate([np.concatenate([[IGNORE_ID], e["labels"][1:]]) if len(e["labels"]) else e["labels"]
+                           for e in examples]).astype(np.int32)
   segment_ids = np.concatenate([np.full(len(e["input_ids"]), k, np.int32) for k, e in enumerate(examples, 1)])
   positions = np.concatenate([np.arange(len(e["input_ids"]), dtype=np.int32) for e in examples])
   tiles = np.concatenate([e["tiles"] for e in examples]).astype(np.float32)
