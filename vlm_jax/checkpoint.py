@@ -1,19 +1,22 @@
 """Orbax checkpoints: one CheckpointManager per stage under W/<stage>/, stage handoff, restore onto any mesh.
 
 A step directory holds two items: `state` (params, opt_state, step, rng; StandardSave) and `data` (the grain
-iterator's position, one file per process). Restores go through abstract ShapeDtypeStructs that carry the
-*target* shardings, so a checkpoint written on one mesh loads onto another. A stage is finished when its final
-step is saved and W/<stage>/FINISHED names that step.
+iterators' positions, one file per data shard, `data/shard_<s>-of-<n>.json`: see `vlm_jax.inputs.shards`).
+Restores go through abstract ShapeDtypeStructs that carry the *target* shardings, so a checkpoint written on
+one mesh (or number of processes) loads onto another. A stage is finished when its final step is saved and
+W/<stage>/FINISHED names that step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from typing import Any, Iterator
 
-import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vlm_jax.config import StageConfig
 
@@ -31,8 +34,70 @@ def stage_dir(workdir: str | epath.PathLike, stage_name: str) -> epath.Path:
   return absolute(workdir) / stage_name
 
 
+class DataHandler(ocp.CheckpointHandler):
+  """Orbax handler for the data position: one JSON file per data shard, `shard_<s>-of-<n>.json`. Each process
+  writes and reads the files of the shards it holds, so a checkpoint restores on any process count that
+  divides n. The item is a `shards.ShardedLoader` ({shard: iterator}), or a plain grain iterator, which is
+  shard jax.process_index() of jax.process_count(). Reads grain's own `process_<i>-of-<n>.json` files too
+  (checkpoints from before data shards: process i read shard i of n)."""
+
+  def save(self, directory: epath.Path, args: "DataSave") -> None:
+    iterators, count = _shard_iterators(args.item)
+    for shard, it in iterators.items():
+      state = it.get_state()
+      text = state.decode() if isinstance(state, bytes) else json.dumps(state, indent=1)
+      (directory / f"shard_{shard}-of-{count}.json").write_text(text)
+
+  def restore(self, directory: epath.Path, args: "DataRestore") -> Any:
+    iterators, count = _shard_iterators(args.item)
+    saved = _shard_count(directory)
+    if saved != count:
+      raise ValueError(f"The checkpoint's data position has {saved} shards ({directory}); this run reads "
+                       f"{count}. Leave data.num_shards at 0 (or set it to {saved}) to resume exactly.")
+    for shard, it in iterators.items():
+      path = directory / f"shard_{shard}-of-{count}.json"
+      text = (path if path.exists() else directory / f"process_{shard}-of-{count}.json").read_text()
+      it.set_state(text.encode() if isinstance(it.get_state(), bytes) else json.loads(text))
+      if hasattr(it, "start_prefetch"):  # grain DataLoader iterators prefetch only once told to
+        it.start_prefetch()
+    return args.item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def _shard_iterators(item: Any) -> tuple[dict[int, Any], int]:
+  if hasattr(item, "shard_iterators"):
+    return item.shard_iterators, item.num_shards
+  return {jax.process_index(): item}, jax.process_count()
+
+
+def _shard_count(directory: epath.Path) -> int | None:
+  """n of the `shard_<s>-of-<n>.json` files in a step's data directory (None when there are none)."""
+  counts = {int(m.group(1)) for f in directory.glob("*-of-*.json")
+            if (m := re.fullmatch(r"(?:shard|process)_\d+-of-(\d+)\.json", f.name))}
+  if len(counts) > 1:
+    raise ValueError(f"{directory} mixes data positions of different shard counts: {sorted(counts)}.")
+  return counts.pop() if counts else None
+
+
+def data_shards(mngr: ocp.CheckpointManager, step: int) -> int | None:
+  """How many data shards the checkpoint at `step` holds positions for (None: no data item)."""
+  directory = epath.Path(mngr.directory) / str(step) / "data"
+  return _shard_count(directory) if directory.exists() else None
+
+
 def _handlers() -> dict[str, Any]:
-  return {"state": ocp.StandardCheckpointHandler(), "data": grain.PyGrainCheckpointHandler()}
+  return {"state": ocp.StandardCheckpointHandler(), "data": DataHandler()}
 
 
 def manager(workdir: str | epath.PathLike, stage: StageConfig) -> ocp.CheckpointManager:
@@ -51,7 +116,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], data_ite
   Returns whether a save started."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
-    items["data"] = grain.PyGrainCheckpointSave(data_iterator)
+    items["data"] = DataSave(data_iterator)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -81,14 +146,18 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, An
   check_shapes(mngr.item_metadata(step)["state"]["params"], abstract_state["params"])
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
-    items["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+    items["data"] = DataRestore(data_iterator)
   return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
 def mark_finished(workdir: str | epath.PathLike, stage_name: str, step: int) -> None:
-  """Records that the stage's final checkpoint (`step`) is complete. Call after wait_until_finished."""
+  """Records that the stage's final checkpoint (`step`) is complete. Call after wait_until_finished, on every
+  process: process 0 writes the marker, and no process returns before it is written (the next stage's
+  `final_params` reads it on every process)."""
   if jax.process_index() == 0:
     (stage_dir(workdir, stage_name) / FINISHED).write_text(json.dumps({"step": step}) + "\n")
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"vlm_jax finished {stage_name}")
 
 
 def finished_step(workdir: str | epath.PathLike, stage_name: str) -> int | None:

@@ -25,9 +25,12 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_train(args) -> int:
+  from vlm_jax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
   from vlm_jax.train import run  # pylint: disable=import-outside-toplevel
-  run.run(_load(args), args.workdir, stage=args.stage)
-  return 0
+  finished = run.run(_load(args), args.workdir, stage=args.stage)
+  distributed.shutdown()
+  return 0 if finished else distributed.PREEMPTED_EXIT_CODE
 
 
 def cmd_data_prepare(args) -> int:
@@ -117,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_args(p)
   p.add_argument("--workdir", required=True, help="output dir (local or gs://): checkpoints, metrics, tokenizer")
   p.add_argument("--stage", default=None, help="run only this stage (default: all, in order)")
+  p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="multi-process run outside TPU VMs: process 0's address (TPU VMs find it themselves)")
+  p.add_argument("--num-processes", type=int, default=None, help="with --coordinator: processes in the run")
+  p.add_argument("--process-id", type=int, default=None, help="with --coordinator: this process, 0..N-1")
+  p.add_argument("--cpu-devices", type=int, default=None, help="give the CPU backend N devices (testing meshes)")
   p.set_defaults(fn=cmd_train)
 
   p = sub.add_parser("generate", help="answer a prompt about images with a trained workdir's model")

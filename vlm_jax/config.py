@@ -183,6 +183,9 @@ class DataConfig:
   padding_side: str = "right"  # right | left
   shuffle_seed: int = 0
   num_workers: int = 0  # grain worker processes (0: in the main process)
+  # Data shards of the global batch (vlm_jax/inputs/shards.py); 0: the resumed checkpoint's count, else one per
+  # process. A fixed count keeps the data order the same on any number of hosts dividing it.
+  num_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +276,9 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"train.stages.{s.name}: need steps >= 0 and batch_size > 0 divisible by "
                         f"grad_accum (got steps={s.steps}, batch_size={s.batch_size}, "
                         f"grad_accum={s.grad_accum}).")
+    if cfg.data.num_shards < 0 or (cfg.data.num_shards and s.batch_size % cfg.data.num_shards):
+      raise ConfigError(f"data.num_shards={cfg.data.num_shards} must be >= 0 and divide "
+                        f"train.stages.{s.name}.batch_size={s.batch_size}.")
     if s.loss == "contrastive" and not cfg.model.contrastive.enabled:
       raise ConfigError(f"train.stages.{s.name}.loss='contrastive' needs model.contrastive.enabled=True.")
   v, d = cfg.model.vision, cfg.model.decoder

@@ -3,6 +3,10 @@
 For each stage: finished (W/<stage>/FINISHED) -> skipped; a checkpoint in W/<stage>/ -> resumed exactly (state
 and data iterator; step k always uses fold_in(rng, k)); otherwise params come from `init_from`, else the previous
 stage's final params (fresh optimizer state), else a fresh init for the first stage.
+
+Every process of a multi-host run runs this same loop in lockstep; only process 0 prints and writes metrics,
+every process writes its part of the checkpoints (the workdir must be shared, e.g. gs://). On SIGTERM all
+processes agree on a step (`distributed.Preemption`), save it and return early; the next launch resumes there.
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from etils import epath
 
 from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
+from vlm_jax import distributed
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.inputs import loader as loader_lib
+from vlm_jax.inputs import shards
 from vlm_jax.inputs.tokenizer import load_tokenizer
 from vlm_jax.model import vlm
 from vlm_jax.sharding import make_mesh
@@ -27,8 +33,9 @@ from vlm_jax.train import step as step_lib
 from vlm_jax.train.metrics import MetricsWriter
 
 
-def run(config: Config, workdir: str, *, stage: str | None = None) -> None:
-  """Trains every stage of `config` in order (or only `stage`) into `workdir` (local path or gs://)."""
+def run(config: Config, workdir: str, *, stage: str | None = None) -> bool:
+  """Trains every stage of `config` in order (or only `stage`) into `workdir` (local path or gs://).
+  Returns True when they are all finished, False when preempted (a checkpoint of the agreed step is saved)."""
   workdir = str(checkpoint.absolute(workdir))
   tokenizer = load_tokenizer(config)
   if jax.process_index() == 0:
@@ -38,10 +45,13 @@ def run(config: Config, workdir: str, *, stage: str | None = None) -> None:
   mesh = make_mesh(config.mesh)
   names = [s.name for s in config.train.stages]
   todo = names if stage is None else [config.train.stage(stage).name]
-  for name in todo:
-    index = names.index(name)
-    previous = names[index - 1] if index > 0 else None
-    run_stage(config, config.train.stages[index], workdir, mesh, tokenizer, previous)
+  with distributed.Preemption() as preemption:
+    for name in todo:
+      index = names.index(name)
+      previous = names[index - 1] if index > 0 else None
+      if not run_stage(config, config.train.stages[index], workdir, mesh, tokenizer, previous, preemption):
+        return False
+  return True
 
 
 def initial_params(config: Config, stage: StageConfig, workdir: str, mesh, previous: str | None,
@@ -55,20 +65,25 @@ def initial_params(config: Config, stage: StageConfig, workdir: str, mesh, previ
   return step_lib.init_params(config, mesh, jax.random.PRNGKey(config.seed)), f"fresh init (seed {config.seed})"
 
 
-def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer, previous: str | None) -> None:
-  """Runs (or resumes, or skips) one stage; returns when its final checkpoint is on disk."""
+def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer, previous: str | None,
+              preemption: distributed.Preemption | None = None) -> bool:
+  """Runs (or resumes, or skips) one stage. Returns True when it finished (its final checkpoint is on disk)
+  and no preemption is pending; False when `preemption` stopped it at an agreed step, which is saved (at the
+  stage's last step the stage still finishes, but the caller must not start the next one)."""
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
   done = checkpoint.finished_step(workdir, stage.name)
   if done is not None:
     log(f"[{stage.name}] finished at step {done}; skipping.")
-    return
+    return True
   shapes, _ = vlm.abstract_params(config.model)
   tx = optimizer_lib.make_optimizer(stage, shapes)
   abstract = step_lib.abstract_state(config, stage, mesh, tx)
-  data = loader_lib.make_loader(config, stage, tokenizer)
   mngr = checkpoint.manager(workdir, stage)
   writer = MetricsWriter(workdir, stage.name)
   latest = mngr.latest_step()
+  saved_shards = None if latest is None else checkpoint.data_shards(mngr, latest)
+  data = shards.ShardedLoader(config, stage, tokenizer,
+                              config.data.num_shards or saved_shards or jax.process_count())
   if latest is not None:
     state = checkpoint.restore(mngr, latest, abstract, data)
     writer.resume_from(latest)
@@ -79,7 +94,7 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
     log(f"[{stage.name}] starting from {source}.")
   train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
   start = int(jax.device_get(state["step"]))
-  pending, tokens, tick = [], 0, time.perf_counter()
+  pending, tokens, tick, preempted = [], 0, time.perf_counter(), False
   bar = tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name, disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   with step_lib.use_mesh(mesh):
@@ -93,9 +108,19 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
         writer.write(step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         pending, tokens, tick = [], 0, time.perf_counter()
-      checkpoint.save(mngr, step, state, data, force=step == stage.steps)
+      # Every process asks after every step (the sync service counts steps), then saves the agreed one.
+      preempted = preemption is not None and preemption.reached(step)
+      checkpoint.save(mngr, step, state, data, force=step == stage.steps or preempted)
       bar.update(1)
+      if preempted:
+        break
   bar.close()
+  if preempted and step < stage.steps:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    log(f"[{stage.name}] preempted: saved step {step}; rerun the same command to resume.")
+    return False
   if mngr.latest_step() != stage.steps:  # steps == 0, or resumed right at the end
     checkpoint.save(mngr, stage.steps, state, data, force=True)
   mngr.wait_until_finished()
@@ -103,6 +128,7 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
   writer.close()
   checkpoint.mark_finished(workdir, stage.name, stage.steps)
   log(f"[{stage.name}] finished {stage.steps} steps.")
+  return not preempted
 
 
 def _batch_tokens(batch: dict[str, np.ndarray]) -> int:
