@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from vlm_jax import config as config_lib
-from vlm_jax import datasets, evaluate, generate, workdir as workdir_lib
+from vlm_jax import datasets, distributed, evaluate, generate, workdir as workdir_lib
 from vlm_jax.inputs import loader
 from vlm_jax.train import run as run_lib
 
@@ -42,7 +42,8 @@ def run_demo(config: str, workdir: str, overrides: list[str] | tuple[str, ...] =
     print(datasets.prepare(name, cfg.data.data_dir), flush=True)
 
   _banner(f"2/5 train stages: {' -> '.join(s.name for s in cfg.train.stages)}")
-  run_lib.run(cfg, workdir)
+  if not run_lib.run(cfg, workdir):  # preempted (SIGTERM): a checkpoint is saved, re-run to resume
+    raise SystemExit(distributed.PREEMPTED_EXIT_CODE)
   trained = time.time()
 
   _banner("3/5 evaluate (with images, and blind: grey images)")
