@@ -127,8 +127,8 @@ def test_grad_accumulation_averages_over_all_supervised_tokens():
     @jax.jit
     def mean_loss_and_grads(params, batch, stage=stage, model=model, labels=labels):
       trainable, frozen = step.split_trainable(params, labels)
-      loss_sum, _, weight, grads = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
-                                                      jax.random.PRNGKey(0))
+      loss_sum, _, weight, grads, _ = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
+                                                         jax.random.PRNGKey(0))
       return loss_sum / weight, weight, jax.tree.map(lambda g: g / weight, grads)
     with step.use_mesh(mesh):
       results[accum] = jax.device_get(mean_loss_and_grads(state["params"], batch))

@@ -9,7 +9,7 @@ sums by the total weight at the end. For `lm` the weight is the number of superv
 mean over all supervised tokens of the global batch, whatever grad_accum and the device count (not a mean of
 per-row or per-micro-batch means). For `contrastive` a micro-batch is one contrastive batch (its negatives) and
 the weight is its number of pairs. A MoE model's router loss (`aux_loss`) is added to the objective, weighted
-the same way.
+the same way; its routing metrics (expert load, dropped fraction) are averaged over the micro-batches.
 """
 from __future__ import annotations
 
@@ -97,9 +97,10 @@ def init_state(params: Any, tx: optax.GradientTransformation, abstract: State, s
 
 
 def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array],
-                rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """-> (loss_sum, aux_sum, weight), f32 [] each, of one micro-batch: mean loss = loss_sum / weight; the MoE
-  router loss enters as aux_loss * weight, so dividing by the total weight averages it over micro-batches."""
+                rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+  """-> (loss_sum, aux_sum, weight, moe_metrics) of one micro-batch: loss_sum, aux_sum, weight f32 [], mean loss =
+  loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
+  over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder)."""
   if stage.loss == "contrastive":
     image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], batch["text_ids"],
                                            batch["text_mask"], method=vlm.VLM.contrastive_embeddings,
@@ -109,11 +110,12 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
     else:
       loss = losses.clip_loss(image, text, scale)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
-    return loss * pairs, jnp.zeros((), jnp.float32), pairs
+    return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
   out = model.apply({"params": params}, batch, rngs={"dropout": rng})
   loss_sum, count = losses.token_cross_entropy(out["logits"], batch["labels"])
   weight = count.astype(jnp.float32)
-  return loss_sum, jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight, weight
+  aux_sum = jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight
+  return loss_sum, aux_sum, weight, dict(out.get("moe_metrics", {}))
 
 
 def _micro_batches(batch: dict[str, jax.Array], grad_accum: int, mesh: Mesh) -> dict[str, jax.Array]:
@@ -151,20 +153,21 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
-                     batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-  """Sums over stage.grad_accum micro-batches (lax.scan) of (loss_sum, aux_sum, weight, d(loss_sum + aux_sum) /
-  d trainable).
+                     batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
+  """-> (loss_sum, aux_sum, weight, d(loss_sum + aux_sum) / d trainable), each summed over stage.grad_accum
+  micro-batches (lax.scan), and the MoE metrics averaged over the micro-batches ({} for a dense decoder).
 
   trainable / frozen: the params split by label (None in place of the other group's leaves); only `trainable`
-  is differentiated, so frozen towers cost no backward pass. Divide by the weight to get means.
+  is differentiated, so frozen towers cost no backward pass. Divide the sums by the weight to get means.
   """
   def objective(t, micro, micro_rng):
-    loss_sum, aux_sum, weight = _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
-    return loss_sum + aux_sum, (loss_sum, aux_sum, weight)
+    loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
+    return loss_sum + aux_sum, (loss_sum, aux_sum, weight, moe_metrics)
 
   def grads_of(micro, micro_rng):
-    (_, terms), grads = jax.value_and_grad(objective, has_aux=True)(trainable, micro, micro_rng)
-    return (*terms, grads)
+    (_, (loss_sum, aux_sum, weight, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+        trainable, micro, micro_rng)
+    return loss_sum, aux_sum, weight, grads, moe_metrics
 
   if stage.grad_accum == 1:
     return grads_of(batch, rng)
@@ -172,18 +175,35 @@ def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: 
   def body(carry, xs):
     micro, index = xs
     return jax.tree.map(jnp.add, carry, grads_of(micro, jax.random.fold_in(rng, index))), None
-  zeros = (*[jnp.zeros((), jnp.float32)] * 3, jax.tree.map(jnp.zeros_like, trainable))
-  xs = (_micro_batches(batch, stage.grad_accum, mesh), jnp.arange(stage.grad_accum))
-  return jax.lax.scan(body, zeros, xs)[0]
+  micro_batches = _micro_batches(batch, stage.grad_accum, mesh)
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_of, first, rng))
+  *sums, moe_sums = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(stage.grad_accum)))[0]
+  return (*sums, jax.tree.map(lambda x: x / stage.grad_accum, moe_sums))
+
+
+def moe_step_metrics(moe_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The model's MoE metrics as scalars for the metrics log: expert_load [E] -> expert_load_0 .. expert_load_{E-1}
+  (each expert's share of the routed assignments), the rest (dropped_fraction, load_balancing_loss, z_loss) as is."""
+  out = {}
+  for name, value in moe_metrics.items():
+    if name == "expert_load":
+      out.update({f"expert_load_{e}": value[e] for e in range(value.shape[0])})
+    else:
+      out[name] = value
+  return out
 
 
 def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.GradientTransformation,
                     abstract: State) -> Callable[[State, dict], tuple[State, dict]]:
   """A jitted `(state, batch) -> (state, metrics)`; the input state is donated. Call it inside use_mesh(mesh).
 
-  batch: the global batch (DESIGN.md contract, or the contrastive keys), leading axis sharded over (data, fsdp).
-  metrics (replicated f32 scalars): loss (mean over supervised tokens), grad_norm (trainable grads, before
-  clipping), lr (of this update), num_tokens (supervised tokens; image-text pairs for contrastive).
+  batch: the global batch (DESIGN.md contract, or the contrastive keys), leading axis sharded over the batch axes
+  of `data_sharding` (data, fsdp, expert).
+  metrics (replicated f32 scalars): loss (mean over supervised tokens), aux_loss (MoE router losses, 0.0 dense),
+  grad_norm (trainable grads, before clipping), lr (of this update), num_tokens (supervised tokens; image-text
+  pairs for contrastive); an MoE model adds `moe_step_metrics` (expert_load_0 .. expert_load_{E-1},
+  dropped_fraction, load_balancing_loss, z_loss; means over the micro-batches).
   Only trainable params are differentiated; frozen params come out bit-identical.
   """
   check_batch_split(stage, mesh)
@@ -193,7 +213,8 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state["rng"], state["step"])
     trainable, frozen = split_trainable(state["params"], labels)
-    loss_sum, aux_sum, weight, grads = accumulate_grads(model, stage, mesh, trainable, frozen, batch, rng)
+    loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch,
+                                                                     rng)
     denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss and grads, not NaN
     grads = jax.tree.map(lambda g: g / denominator, grads)
     full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
@@ -203,7 +224,8 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
     new_params = jax.tree.map(lambda l, new, old: old if l == optimizer_lib.FROZEN else new,
                               labels, new_params, state["params"])
     metrics = {"loss": loss_sum / denominator, "aux_loss": aux_sum / denominator, "grad_norm": optax.global_norm(grads),
-               "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight}
+               "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight,
+               **moe_step_metrics(moe_metrics)}
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
@@ -215,7 +237,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
 def make_eval_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, abstract: State) -> Callable[[Any, dict], dict]:
   """A jitted `(params, batch) -> {"loss", "num_tokens"}` (mean over supervised tokens). Call inside use_mesh."""
   def eval_step(params, batch):
-    loss_sum, _, weight = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
+    loss_sum, _, weight, _ = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
     return {"loss": loss_sum / jnp.maximum(weight, 1.0), "num_tokens": weight}
   return jax.jit(eval_step, in_shardings=(shardings_of(abstract["params"]), data_sharding(mesh, 1)),
                  out_shardings=replicated(mesh))

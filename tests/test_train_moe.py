@@ -1,0 +1,126 @@
+"""The real train step on an MoE VLM over a (data 2, expert 2, tensor 2) mesh equals the same step on one device:
+loss, router aux_loss, gradients (read off an SGD update with learning rate 1) and the MoE metrics; and all of it
+equals a plain reference that sums cross-entropy and weighted router losses over the step's micro-batches."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax import losses
+from vlm_jax.config import MeshConfig, StageConfig
+from vlm_jax.model import vlm
+from vlm_jax.sharding import make_mesh
+from vlm_jax.train import step
+
+E = 4
+# Tiny shapes_moe: 2 scanned MoE layers, 2 of 4 experts per token, capacity factor 1 (8 slots per expert and row
+# of 16 tokens), so an unbalanced router drops some choices and dropped_fraction is not trivially 0.
+OVERRIDES = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.depth=1",
+             "model.vision.num_heads=2", "model.vision.mlp_dim=32", "model.decoder.vocab_size=64",
+             "model.decoder.width=32", "model.decoder.num_layers=2", "model.decoder.num_heads=2",
+             "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=64", "model.contrastive.width=16",
+             "model.contrastive.depth=1", "model.contrastive.num_heads=2", "model.contrastive.mlp_dim=32",
+             "model.contrastive.embed_dim=16", "model.contrastive.max_text_len=8",
+             f"model.decoder.moe.num_experts={E}", "model.decoder.moe.expert_mlp_dim=32",
+             "model.decoder.moe.capacity_factor=1.0", "model.decoder.moe.router_aux_loss_coef=0.1",
+             "model.decoder.moe.router_z_loss_coef=0.01"]
+STAGE = StageConfig(name="moe", steps=1, batch_size=8, grad_accum=2, trainable=(".*",), warmup_steps=0)
+
+
+def moe_config():
+  return config_lib.load("shapes_moe", OVERRIDES)
+
+
+def lm_batch(cfg, rows=8, seq=16, seed=0):
+  """Rows open with one tile's `<image>` ids; row b supervises its last 3 + b % 5 tokens."""
+  rng = np.random.default_rng(seed)
+  m = cfg.model
+  ids = rng.integers(10, m.decoder.vocab_size, (rows, seq)).astype(np.int32)
+  ids[:, :m.image_tokens_per_tile] = m.image_token_id
+  labels = np.full_like(ids, losses.IGNORE_ID)
+  for b in range(rows):
+    labels[b, seq - 3 - b % 5:] = ids[b, seq - 3 - b % 5:]
+  size = m.vision.image_size
+  return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+          "pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
+          "tile_mask": np.ones((rows, 1), bool)}
+
+
+def sgd_step(cfg, mesh, batch):
+  """One real train step with SGD (lr 1), so params_before - params_after = the step's gradient.
+  -> (params before, gradient tree, metrics), on the host."""
+  model, tx = vlm.VLM(cfg.model), optax.sgd(1.0)
+  abstract = step.abstract_state(cfg, STAGE, mesh, tx)
+  params = step.init_params(cfg, mesh, jax.random.PRNGKey(0))
+  state = step.init_state(params, tx, abstract, seed=0)
+  before = jax.device_get(state["params"])
+  with step.use_mesh(mesh):
+    state, metrics = step.make_train_step(model, STAGE, mesh, tx, abstract)(state, batch)
+  after = jax.device_get(state["params"])
+  return before, jax.tree.map(lambda b, a: b - a, before, after), jax.device_get(metrics)
+
+
+def reference(cfg, params, batch):
+  """(CE sum + aux_loss * supervised tokens) summed over the micro-batches (rows a::2), / all supervised tokens;
+  -> (loss, aux_loss, grads, mean expert_load over the micro-batches)."""
+  model = vlm.VLM(cfg.model)
+
+  def objective(p):
+    loss_sum = aux_sum = weight = 0.0
+    loads = []
+    for a in range(STAGE.grad_accum):
+      micro = jax.tree.map(lambda x: x[a::STAGE.grad_accum], batch)
+      out = model.apply({"params": p}, micro)
+      ce, count = losses.token_cross_entropy(out["logits"], micro["labels"])
+      loss_sum, aux_sum, weight = loss_sum + ce, aux_sum + out["aux_loss"] * count, weight + count
+      loads.append(out["moe_metrics"]["expert_load"])
+    return (loss_sum + aux_sum) / weight, (loss_sum / weight, aux_sum / weight, jnp.mean(jnp.stack(loads), 0))
+  (_, (loss, aux, load)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+  return float(loss), float(aux), jax.device_get(grads), np.asarray(load)
+
+
+def test_moe_train_step_on_data_expert_tensor_mesh_equals_one_device():
+  cfg = moe_config()
+  batch = lm_batch(cfg)
+  sharded_mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+  assert dict(sharded_mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
+  params, grads, metrics = sgd_step(cfg, sharded_mesh, batch)
+  params_1, grads_1, metrics_1 = sgd_step(cfg, make_mesh(MeshConfig(data=1), jax.devices()[:1]), batch)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1)):
+    np.testing.assert_array_equal(a, b)  # the same init on both meshes
+
+  loss, aux, ref_grads, ref_load = reference(cfg, params_1, batch)
+  assert metrics["num_tokens"] == metrics_1["num_tokens"] == sum(3 + b % 5 for b in range(8))
+  for name, value in (("loss", loss), ("aux_loss", aux)):
+    np.testing.assert_allclose(metrics[name], metrics_1[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(metrics_1[name], value, atol=1e-5, err_msg=name)
+  # 0.1 * load balancing (about k = 2 for a near-uniform router) summed over 2 layers, + z-loss: not negligible.
+  assert aux > 0.3
+  for name in ["dropped_fraction", "load_balancing_loss", "z_loss"] + [f"expert_load_{e}" for e in range(E)]:
+    np.testing.assert_allclose(metrics[name], metrics_1[name], atol=1e-6, err_msg=name)
+  load = np.array([metrics[f"expert_load_{e}"] for e in range(E)])
+  np.testing.assert_allclose(load, ref_load, atol=1e-6)
+  np.testing.assert_allclose(load.sum(), 1.0, atol=1e-6)
+  assert 0.0 < metrics["dropped_fraction"] < 0.5
+  assert f"expert_load_{E}" not in metrics
+
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  for (path, g), g1, r in zip(flat, jax.tree.leaves(grads_1), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, g1, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(g1, r, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  router = grads["decoder"]["layers"]["moe"]["router"]["kernel"]
+  assert np.abs(router).max() > 1e-3  # the router learns (through the combine weights and the aux loss)
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["decoder"]["layers"]["moe"]["experts"]))
+
+
+def test_micro_batches_split_over_the_expert_axis_too():
+  """Batch rows shard over (data, fsdp, expert): 8 rows / grad_accum 4 = 2 rows do not fill 4 expert shards."""
+  mesh = make_mesh(MeshConfig(data=1, expert=4, tensor=2))
+  with pytest.raises(ValueError, match=r"2 rows per micro-batch do not split over the 4 \('data', 'fsdp', 'expert'\)"):
+    step.check_batch_split(dataclasses.replace(STAGE, grad_accum=4), mesh)
+  step.check_batch_split(STAGE, mesh)  # 4 rows over 4 batch shards
