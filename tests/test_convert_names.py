@@ -88,7 +88,7 @@ def test_unexportable_models_are_refused(change, message):
     (lambda d: d.update(vision_feature_select_strategy="default"), "drops the first \\*patch\\*"),
     (lambda d: d.update(vision_feature_layer=[-2, -5]), "not a concatenation"),
     (lambda d: d["text_config"].update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "rope type"),
-    (lambda d: d["text_config"].update(model_type="qwen2"), "only Llama decoders"),
+    (lambda d: d["text_config"].update(model_type="qwen2"), "only Llama and Mixtral decoders"),
     (lambda d: d["text_config"].update(attention_bias=True), "no biases"),
     (lambda d: d.update(projector_hidden_act="silu"), "projector_hidden_act"),
 ])

@@ -1,4 +1,5 @@
 """Export vlm_jax params to a Hugging Face transformers directory (LLaVA or Idefics3), or a plain torch state_dict.
+An MoE decoder exports as LLaVA with a Mixtral text model (limits in vlm_jax/convert/hf_config.py).
 
     export(params, model_config, tokenizer_dir, out_dir, fmt="hf")
       -> model.safetensors (sharded above max_shard_size), config.json, generation_config.json and the processor

@@ -3,12 +3,21 @@ the mlp projector, Idefics3Config for pixel_shuffle; plus the backbones alone.
 
 Every eps and activation is written explicitly (HF defaults differ between classes). A model HF cannot express
 is refused with a `ConversionError` naming the part and what to do instead; nothing is silently approximated.
+
+Mixture of experts: a decoder with `moe.num_experts > 0` becomes a MixtralConfig text model (LLaVA + Mixtral;
+transformers has no Idefics3 with Mixtral, so pixel_shuffle + MoE is refused). Mixtral has a sparse MoE block in
+every layer, so `moe.every_n_layers` must be 1. Its router is ours (softmax in f32, top-k, weights renormalized
+over the k) but *dropless*: no expert capacity. So exported logits equal ours for `capacity_factor=0`; a model
+trained with a capacity factor exports (with a warning) and computes what ours computes dropless. HF has no
+router z-loss (a training-only term): import sets `router_z_loss_coef=0`, export drops it; `router_jitter_noise`
+(training-only input noise in HF) is not implemented here and is written as 0.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from vlm_jax.config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
+from vlm_jax.config import DecoderConfig, ModelConfig, MoeConfig, ProjectorConfig, VisionConfig
 
 # Our activation names -> transformers' ACT2FN names, and back (gelu_new is the same tanh approximation).
 VISION_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
@@ -30,6 +39,11 @@ class ConversionError(ValueError):
 def check_exportable(cfg: ModelConfig) -> str:
   """Returns the HF family of `cfg` ('llava' or 'idefics3') or raises ConversionError saying why not."""
   v, p = cfg.vision, cfg.projector
+  check_moe_exportable(cfg.decoder)
+  if cfg.decoder.moe.num_experts and p.kind == "pixel_shuffle":
+    raise ConversionError("projector.kind='pixel_shuffle' with an MoE decoder would be Idefics3 + Mixtral, which "
+                          "transformers does not have (Idefics3's text model is Llama). Export MoE models with "
+                          "projector.kind='mlp' (LLaVA + Mixtral), or set model.decoder.moe.num_experts=0.")
   if v.kind == "none":
     raise ConversionError("model.vision.kind='none' (Fuyu-style linear patch embedding) has no counterpart in "
                           "LLaVA or Idefics3: use vision.kind='siglip' or 'clip' for a model you mean to export.")
@@ -71,17 +85,37 @@ def vision_to_hf(v: VisionConfig) -> Any:
   raise ConversionError(f"model.vision.kind={v.kind!r} has no HF vision config (siglip and clip do).")
 
 
+def check_moe_exportable(d: DecoderConfig) -> None:
+  """Raises ConversionError when the decoder's MoE layout has no Mixtral counterpart (dense decoders pass)."""
+  m = d.moe
+  if m.num_experts and m.every_n_layers != 1:
+    raise ConversionError(f"model.decoder.moe.every_n_layers={m.every_n_layers}: Mixtral has a sparse MoE block in "
+                          "every layer and no dense layers between them; only every_n_layers=1 exports.")
+
+
 def decoder_to_hf(d: DecoderConfig, *, bos_id: int | None = None, eos_id: int | list[int] | None = None,
                   pad_id: int | None = None) -> Any:
-  """LlamaConfig with every field our decoder depends on set explicitly."""
+  """LlamaConfig (dense) or MixtralConfig (MoE) with every field our decoder depends on set explicitly."""
   import transformers
-  return transformers.LlamaConfig(
-      vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim, num_hidden_layers=d.num_layers,
+  common = dict(
+      vocab_size=d.vocab_size, hidden_size=d.width, num_hidden_layers=d.num_layers,
       num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads, head_dim=d.resolved_head_dim,
       hidden_act="silu", max_position_embeddings=d.max_seq_len, rms_norm_eps=d.rms_norm_eps,
       rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_theta)},
-      tie_word_embeddings=d.tie_embeddings, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-      bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+      tie_word_embeddings=d.tie_embeddings, attention_dropout=0.0, bos_token_id=bos_id, eos_token_id=eos_id,
+      pad_token_id=pad_id)
+  if not d.moe.num_experts:
+    return transformers.LlamaConfig(**common, intermediate_size=d.mlp_dim, attention_bias=False, mlp_bias=False)
+  check_moe_exportable(d)
+  m = d.moe
+  if m.capacity_factor:
+    warnings.warn(f"model.decoder.moe.capacity_factor={m.capacity_factor}: transformers' Mixtral routes dropless "
+                  "(no expert capacity), so the exported model computes what vlm_jax computes with "
+                  "capacity_factor=0; outputs differ wherever this model would drop a choice.", stacklevel=2)
+  return transformers.MixtralConfig(
+      **common, intermediate_size=d.resolved_expert_mlp_dim, num_local_experts=m.num_experts,
+      num_experts_per_tok=m.experts_per_token, router_aux_loss_coef=m.router_aux_loss_coef,
+      router_jitter_noise=0.0, output_router_logits=False, sliding_window=None)
 
 
 def to_hf(cfg: ModelConfig, **token_ids: Any) -> Any:
@@ -145,10 +179,16 @@ def vision_from_hf(vc: Any, *, feature_layer: int = -1, select_strategy: str = "
 
 
 def decoder_from_hf(tc: Any, tie_embeddings: bool | None = None) -> DecoderConfig:
-  """A LlamaConfig -> DecoderConfig; refuses features our decoder lacks (biases, scaled RoPE, other archs)."""
+  """A LlamaConfig or MixtralConfig -> DecoderConfig; refuses features our decoder lacks (biases, scaled RoPE,
+  sliding-window attention, other archs). Mixtral: every layer MoE, dropless, no z-loss (module docstring)."""
   model_type = _get(tc, "model_type", "")
-  if model_type != "llama":
-    raise ConversionError(f"text_config.model_type={model_type!r}: only Llama decoders map to vlm_jax's decoder.")
+  if model_type not in ("llama", "mixtral"):
+    raise ConversionError(f"text_config.model_type={model_type!r}: only Llama and Mixtral decoders map to vlm_jax's "
+                          "decoder.")
+  window = _get(tc, "sliding_window")
+  if model_type == "mixtral" and window is not None and window < _get(tc, "max_position_embeddings", 0):
+    raise ConversionError(f"text_config.sliding_window={window}: vlm_jax's attention is full causal; it matches "
+                          "only when sliding_window is None or >= max_position_embeddings.")
   for flag in ("attention_bias", "mlp_bias"):
     if _get(tc, flag, False):
       raise ConversionError(f"text_config.{flag}=True: vlm_jax's Llama decoder has no biases.")
@@ -158,15 +198,21 @@ def decoder_from_hf(tc: Any, tie_embeddings: bool | None = None) -> DecoderConfi
   if rope.get("rope_type", rope.get("type", "default")) != "default":
     raise ConversionError(f"text_config rope type {rope.get('rope_type', rope.get('type'))!r}: vlm_jax implements "
                           "only plain RoPE (rope_type 'default').")
-  theta = rope.get("rope_theta", _get(tc, "rope_theta", 10000.0))
+  # Each class's own default theta (MixtralConfig: 1e6) when a raw config.json leaves it out.
+  theta = rope.get("rope_theta", _get(tc, "rope_theta", 1e6 if model_type == "mixtral" else 10000.0))
   width, heads = _get(tc, "hidden_size"), _get(tc, "num_attention_heads")
   head_dim = _get(tc, "head_dim") or width // heads
   tie = _get(tc, "tie_word_embeddings", False) if tie_embeddings is None else tie_embeddings
+  moe = MoeConfig()
+  if model_type == "mixtral":
+    moe = MoeConfig(num_experts=_get(tc, "num_local_experts", 8), experts_per_token=_get(tc, "num_experts_per_tok", 2),
+                    every_n_layers=1, expert_mlp_dim=_get(tc, "intermediate_size"), capacity_factor=0.0,
+                    router_aux_loss_coef=float(_get(tc, "router_aux_loss_coef", 0.001)), router_z_loss_coef=0.0)
   return DecoderConfig(
       vocab_size=_get(tc, "vocab_size"), width=width, num_layers=_get(tc, "num_hidden_layers"), num_heads=heads,
       num_kv_heads=_get(tc, "num_key_value_heads") or heads, head_dim=0 if head_dim * heads == width else head_dim,
       mlp_dim=_get(tc, "intermediate_size"), rope_theta=float(theta), rms_norm_eps=float(_get(tc, "rms_norm_eps")),
-      tie_embeddings=bool(tie), max_seq_len=_get(tc, "max_position_embeddings", 2048))
+      tie_embeddings=bool(tie), max_seq_len=_get(tc, "max_position_embeddings", 2048), moe=moe)
 
 
 def from_hf(config: Any) -> ModelConfig:
@@ -190,6 +236,9 @@ def from_hf(config: Any) -> ModelConfig:
   else:
     raise ConversionError(f"model_type={model_type!r}: vlm_jax imports 'llava' and 'idefics3' models.")
   text = _get(config, "text_config")
+  if model_type == "idefics3" and _get(text, "model_type", "") == "mixtral":
+    raise ConversionError("Idefics3 with a Mixtral text model: transformers has no such model and vlm_jax maps "
+                          "Idefics3 with a Llama text model only.")
   tie = _get(config, "tie_word_embeddings", None)
   if model_type == "llava":  # LLaVA ties if either level says so
     tie = bool(tie) or bool(_get(text, "tie_word_embeddings", False))

@@ -1,7 +1,7 @@
 """Explicit name maps between vlm_jax param paths and Hugging Face transformers state-dict keys.
 
-One map per family: SigLIP / CLIP vision towers, the Llama decoder, LLaVA's MLP projector and Idefics3's
-pixel-shuffle connector. An `Entry` pairs our '/'-joined path, in its *unscanned* form
+One map per family: SigLIP / CLIP vision towers, the Llama decoder (Mixtral when it has experts), LLaVA's MLP
+projector and Idefics3's pixel-shuffle connector. An `Entry` pairs our '/'-joined path, in its *unscanned* form
 ('decoder/layers_3/attn/q_proj/kernel'), with an HF key and the transform between the two layouts:
 
   copy   same array (norm scales/biases, embeddings, position embeddings, CLS token)
@@ -9,9 +9,12 @@ pixel-shuffle connector. An `Entry` pairs our '/'-joined path, in its *unscanned
   dense  our Flax kernel [*in, *out] <-> torch weight [prod(out), prod(in)] (reshape, then transpose);
          `n_in` says how many leading dims are inputs: q/k/v [D, H, hd] have 1, out/o_proj [H, hd, D] have 2
   conv   our patch kernel [p, p, C, W] (NHWC) <-> torch Conv2d weight [W, C, p, p] (NCHW)
+  experts  `dense` per expert: our stacked kernels [E, *in, *out] <-> torch [E, prod(out), prod(in)] (`n_in` counts
+         input dims after the expert axis); Mixtral's fused experts, see vlm_jax/model/moe.py
 
 HF keys are transformers 5's in-memory names (`model.state_dict()`); `canonical_key` maps the other on-disk
-spellings of older checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`, ...) onto them.
+spellings of older checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`, ...) onto them, and
+`fused_expert_keys` groups Mixtral's on-disk per-expert tensors into the fused in-memory ones.
 Scanned param trees keep all layers of a stack under `layers` with a leading layer axis: `flatten` splits that
 axis into the unscanned paths the maps use and `unflatten` stacks them back, so one map serves both trees.
 """
@@ -27,7 +30,7 @@ import numpy as np
 
 from vlm_jax.config import DecoderConfig, ModelConfig, VisionConfig
 
-TRANSFORMS = ("copy", "flat", "dense", "conv")
+TRANSFORMS = ("copy", "flat", "dense", "conv", "experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Entry:
   hf: str
   transform: str
   shape: tuple[int, ...]
-  n_in: int = 1  # dense only: leading input dims of our kernel
+  n_in: int = 1  # dense / experts only: leading input dims of our kernel (after the expert axis)
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
@@ -50,6 +53,8 @@ class Entry:
       return (math.prod(s[self.n_in:]), math.prod(s[:self.n_in]))
     if self.transform == "conv":
       return (s[3], s[2], s[0], s[1])
+    if self.transform == "experts":
+      return (s[0], math.prod(s[1 + self.n_in:]), math.prod(s[1:1 + self.n_in]))
     raise ValueError(f"Unknown transform {self.transform!r} for {self.ours}; expected one of {TRANSFORMS}.")
 
   def to_hf(self, x: Any) -> np.ndarray:
@@ -62,6 +67,8 @@ class Entry:
       x = x.reshape(-1)
     elif self.transform == "conv":
       x = x.transpose(3, 2, 0, 1)
+    elif self.transform == "experts":
+      x = x.reshape(self.shape[0], math.prod(self.shape[1:1 + self.n_in]), -1).transpose(0, 2, 1)
     return np.array(x, order="C")  # a fresh, writable copy (torch.from_numpy wants one)
 
   def from_hf(self, t: Any, source: str = "") -> np.ndarray:
@@ -74,6 +81,8 @@ class Entry:
       t = t.reshape(self.shape)
     elif self.transform == "conv":
       t = t.transpose(2, 3, 1, 0)
+    elif self.transform == "experts":
+      t = t.transpose(0, 2, 1).reshape(self.shape)
     return np.array(t, order="C")
 
 
@@ -117,7 +126,8 @@ def vision_entries(v: VisionConfig, prefix: str, ours: str = "vision") -> list[E
 
 
 def decoder_entries(d: DecoderConfig, prefix: str, lm_head: str, ours: str = "decoder") -> list[Entry]:
-  """Llama decoder: `prefix` is that of LlamaModel (e.g. 'model.language_model.'), `lm_head` the head's key."""
+  """Llama decoder: `prefix` is that of LlamaModel (e.g. 'model.language_model.'), `lm_head` the head's key.
+  MoE layers (`d.is_moe_layer(i)`) map to Mixtral's sparse MoE block (MixtralModel when every layer is one)."""
   dm, f, hd = d.width, d.mlp_dim, d.resolved_head_dim
   out = [Entry(f"{ours}/embed/embedding", prefix + "embed_tokens.weight", "copy", (d.vocab_size, dm))]
   for i in range(d.num_layers):
@@ -129,6 +139,8 @@ def decoder_entries(d: DecoderConfig, prefix: str, lm_head: str, ours: str = "de
         Entry(f"{us}/attn/v_proj/kernel", hf + "self_attn.v_proj.weight", "dense", (dm, d.num_kv_heads, hd)),
         Entry(f"{us}/attn/o_proj/kernel", hf + "self_attn.o_proj.weight", "dense", (d.num_heads, hd, dm), n_in=2),
         Entry(f"{us}/mlp_norm/scale", hf + "post_attention_layernorm.weight", "copy", (dm,)),
+    ]
+    out += _mixtral_moe(d, f"{us}/moe", hf + "mlp.") if d.is_moe_layer(i) else [
         Entry(f"{us}/mlp/gate/kernel", hf + "mlp.gate_proj.weight", "dense", (dm, f)),
         Entry(f"{us}/mlp/up/kernel", hf + "mlp.up_proj.weight", "dense", (dm, f)),
         Entry(f"{us}/mlp/down/kernel", hf + "mlp.down_proj.weight", "dense", (f, dm)),
@@ -137,6 +149,15 @@ def decoder_entries(d: DecoderConfig, prefix: str, lm_head: str, ours: str = "de
   if not d.tie_embeddings:
     out.append(Entry(f"{ours}/lm_head/kernel", lm_head, "dense", (dm, d.vocab_size)))
   return out
+
+
+def _mixtral_moe(d: DecoderConfig, ours: str, hf: str) -> list[Entry]:
+  """transformers 5's MixtralSparseMoeBlock (in-memory, fused experts): router `gate.weight` [E, D]; experts
+  `gate_up_proj` [E, 2F, D] (gate rows, then up rows) and `down_proj` [E, D, F]."""
+  e, dm, f = d.moe.num_experts, d.width, d.resolved_expert_mlp_dim
+  return [Entry(f"{ours}/router/kernel", hf + "gate.weight", "dense", (dm, e)),
+          Entry(f"{ours}/experts/gate_up", hf + "experts.gate_up_proj", "experts", (e, dm, 2, f)),
+          Entry(f"{ours}/experts/down", hf + "experts.down_proj", "experts", (e, f, dm))]
 
 
 def llava_projector_entries(cfg: ModelConfig, prefix: str = "model.multi_modal_projector.") -> list[Entry]:
@@ -206,12 +227,40 @@ IGNORED = re.compile(r"(^|\.)(head\.|visual_projection\.)|rotary_emb\.inv_freq$"
 
 
 def canonical_key(key: str, family: str) -> str:
-  """An on-disk key of `family` (llava | idefics3 | vision | llama) -> the transformers 5 in-memory key."""
+  """An on-disk key of `family` (llava | idefics3 | vision | llama) -> the transformers 5 in-memory key (Mixtral's
+  per-expert tensors only get their module renamed; `fused_expert_keys` groups them)."""
+  key = _MIXTRAL_BLOCK.sub(".mlp.", key)
   for pattern, repl in KEY_RULES[family]:
     new, n = re.subn(pattern, repl, key, count=1)
     if n:
       return new
   return key
+
+
+# Mixtral on disk (hub checkpoints, and what transformers 5's save_pretrained writes back): the MoE block is
+# `block_sparse_moe` and each expert has its own `experts.{e}.w1` (gate) / `w3` (up) [F, D] and `w2` (down) [D, F].
+# In memory transformers 5 fuses them: gate_up_proj [E, 2F, D] = stack over e of cat(w1, w3), down_proj = stack(w2).
+_MIXTRAL_BLOCK = re.compile(r"\.block_sparse_moe\.")
+_EXPERT_PART = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def fused_expert_keys(keys: Any) -> dict[str, list[tuple[str, ...]]]:
+  """Canonical keys -> {fused in-memory key: per expert e, the keys whose tensors concatenate (axis 0) into [e]}:
+  `...mlp.experts.gate_up_proj` <- [(w1_e, w3_e)], `...mlp.experts.down_proj` <- [(w2_e,)]. {} for other models."""
+  found: dict[str, dict[tuple[int, str], str]] = {}
+  for key in keys:
+    m = _EXPERT_PART.match(key)
+    if m:
+      found.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = key
+  out = {}
+  for prefix, parts in found.items():
+    n = 1 + max(e for e, _ in parts)
+    missing = [f"{prefix}.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3") if (e, w) not in parts]
+    if missing:
+      raise ValueError(f"Mixtral experts under {prefix}: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}.")
+    out[f"{prefix}.gate_up_proj"] = [(parts[e, "w1"], parts[e, "w3"]) for e in range(n)]
+    out[f"{prefix}.down_proj"] = [(parts[e, "w2"],) for e in range(n)]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------

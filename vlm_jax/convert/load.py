@@ -1,7 +1,7 @@
 """Import Hugging Face checkpoints into vlm_jax: whole VLMs (LLaVA, Idefics3) or backbones (a SigLIP / CLIP vision
 model, a Llama causal LM). Safetensors only: pickled `pytorch_model.bin` files are refused, never unpickled.
 
-    load_hf(hf_dir)       -> (ModelConfig, params, Tokenizer)     LLaVA / Idefics3 directory
+    load_hf(hf_dir)       -> (ModelConfig, params, Tokenizer)     LLaVA (Llama or Mixtral text model) / Idefics3
     load_vision(hf_dir)   -> (VisionConfig, vision params)        SiglipVisionModel / CLIPVisionModel (or the
                                                                   vision half of a SiglipModel / CLIPModel)
     load_llama(hf_dir)    -> (DecoderConfig, decoder params, Tokenizer)
@@ -32,7 +32,8 @@ CHAT_TOKENS = [IMAGE_TOKEN, IM_START, IM_END]
 
 
 class Checkpoint:
-  """The tensors of an HF directory by canonical (transformers 5 in-memory) key, read lazily from safetensors."""
+  """The tensors of an HF directory by canonical (transformers 5 in-memory) key, read lazily from safetensors.
+  Mixtral's per-expert tensors (the on-disk layout) appear as the fused in-memory ones (`hf_names.fused_expert_keys`)."""
 
   def __init__(self, hf_dir: str | pathlib.Path, family: str, keep: Callable[[str], bool] = lambda k: True):
     self.dir = pathlib.Path(hf_dir)
@@ -52,6 +53,14 @@ class Checkpoint:
     for key, file in weight_map.items():
       if keep(key):
         self.keys[hf_names.canonical_key(key, family)] = (file, key)
+    # fused key -> per expert, the part keys concatenated into it; the parts leave `keys` (so they count as used
+    # exactly when their fused tensor is read) and move to `_parts`.
+    self.fused = hf_names.fused_expert_keys(self.keys)
+    self._parts = {}
+    for key, experts in self.fused.items():
+      for part in (p for parts in experts for p in parts):
+        self._parts[part] = self.keys.pop(part)
+      self.keys[key] = self._parts[experts[0][0]]
     self._open: dict[str, Any] = {}
 
   def file(self, key: str) -> str:
@@ -59,8 +68,13 @@ class Checkpoint:
 
   def get(self, key: str) -> np.ndarray:
     """The tensor as float32 numpy (bf16 / f16 checkpoints are upcast)."""
+    if key in self.fused:  # [E, ...]: expert e is its parts concatenated on axis 0 (w1 then w3 for gate_up)
+      return np.stack([np.concatenate([self._tensor(*self._parts[p]) for p in parts], 0)
+                       for parts in self.fused[key]])
+    return self._tensor(*self.keys[key])
+
+  def _tensor(self, file: str, original: str) -> np.ndarray:
     from safetensors import safe_open
-    file, original = self.keys[key]
     if file not in self._open:
       self._open[file] = safe_open(self.dir / file, framework="pt")
     return self._open[file].get_tensor(original).float().numpy()
