@@ -200,3 +200,26 @@ def test_contrastive_matches_xla_gradients():
       _xla_flops(lambda p: loss(p, {}), flat), rel=0.05)
   assert flops.train_step_flops(cfg, st, B * 4) == pytest.approx(
       _xla_flops(jax.value_and_grad(loss), trainable, frozen), rel=0.05)
+
+
+def test_moe_forward_matches_xla_plus_dispatch_work():
+  """Every layer MoE (4 experts, top-2, dropless): XLA also counts what model FLOPs leave out, the one-hot dispatch
+  and combine einsums (2*B*S*E*C*D each) and the empty capacity slots (E*C slots per row and expert layer, C = S
+  dropless, of which k*S hold a token). Adding exactly that work to our count gives XLA's number."""
+  moe = ["model.decoder.moe.num_experts=4", "model.decoder.moe.experts_per_token=2",
+         "model.decoder.moe.expert_mlp_dim=256", "model.decoder.moe.capacity_factor=0.0"]
+  cfg = config.load("shapes_tiny", WIDE + moe)
+  params, _ = vlm_lib.abstract_params(cfg.model)
+  model = vlm_lib.VLM(cfg.model)
+  batch = jax.tree.map(jnp.asarray, vlm_lib.dummy_batch(cfg.model, B, S, N))
+  xla = _xla_flops(lambda p, b: model.apply({"params": p}, b)["logits"], params, batch)
+  d = cfg.model.decoder
+  e, k, f, c = 4, 2, 256, S
+  terms = {m.name: m.flops for m in flops.matmuls(cfg, B, S, N)}
+  assert "decoder.mlp.gate" not in terms
+  assert terms["decoder.moe.gate_up"] == 2 * (B * S * k) * d.width * (2 * f) * d.num_layers
+  dispatch_and_combine = 2 * (2 * B * S * e * c * d.width)
+  empty_slots = (B * e * c - B * S * k) * (2 * d.width * 2 * f + 2 * f * d.width)
+  ours = flops.forward_flops(cfg, B, S, N, causal_as_full=True)
+  assert ours + d.num_layers * (dispatch_and_combine + empty_slots) == pytest.approx(xla, rel=0.03)
+  assert xla > 1.5 * ours  # the hardware-only work is large here: the check would see it missing

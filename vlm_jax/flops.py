@@ -10,7 +10,9 @@ Conventions (the usual MFU ones, as in PaLM and MaxText):
   XLA's cost analysis sees for a dense masked attention. Packed segments do not reduce the count.
 - The ViT runs only up to `vision.feature_layer` (e.g. 23 of 24 blocks for LLaVA's -2).
 - MoE layers count the router and each token's top-k experts (active FLOPs, as MaxText does); the one-hot
-  dispatch / combine einsums and empty capacity slots are not counted.
+  dispatch / combine einsums (2*B*S*E*C*D each per MoE layer) and the SwiGLU work of empty capacity slots
+  (E*C - k*S per row; C = S when dropless) are work the hardware does but not model FLOPs, so MFU from these
+  numbers does not reward a wasteful dispatch. Ours + exactly that work = XLA's count (tests/test_flops.py).
 - Rematerialization is not counted: these are model FLOPs, not hardware FLOPs.
 
 Backward pass, per matmul with weight W, input X and output Y = X W (forward f FLOPs):
