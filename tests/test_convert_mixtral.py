@@ -4,6 +4,7 @@ same 20 greedy tokens, scanned and not; export back to HF gives bit-identical te
 every MoE field and refuses what Mixtral cannot express."""
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -121,6 +122,27 @@ def test_mixtral_hf_roundtrip_is_bit_identical(hf_mixtral, tokenizer_dir, tmp_pa
   _, again, _ = load.load_hf(out)
   for (path, a), b in zip(hf_names.flatten(params).items(), hf_names.flatten(again).values()):
     np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+def test_our_moe_model_exports_and_matches_hf(tokenizer_dir, tmp_path):
+  """vlm_jax -> HF for a model born here (its own config, fresh init): HF's logits and greedy tokens equal ours."""
+  tok = Tokenizer.load(tokenizer_dir)
+  overrides = ["model.projector.kind=mlp", "model.vision.post_layernorm=false", "model.vision.image_size=32",
+               "model.vision.width=32", "model.vision.depth=2", "model.vision.num_heads=2", "model.vision.mlp_dim=64",
+               "model.decoder.width=64", "model.decoder.num_layers=2", "model.decoder.num_heads=4",
+               "model.decoder.num_kv_heads=2", f"model.decoder.vocab_size={tok.vocab_size}",
+               "model.decoder.moe.expert_mlp_dim=48", "model.decoder.max_seq_len=256"]
+  cfg = config_lib.load("shapes_moe", overrides).model
+  params = jax.device_get(vlm.init_params(cfg, jax.random.PRNGKey(3)))
+  out = export.export(params, cfg, tokenizer_dir, tmp_path / "export")
+  model = AutoModelForImageTextToText.from_pretrained(out).eval()
+  assert type(model.config.text_config) is MixtralConfig
+  ids, pixels = prompt_and_pixels(cfg, tok)
+  hf_logits, hf_tokens = hf_logits_and_greedy(model, ids, pixels)
+  logits, tokens = ours_greedy(cfg, params, ids, pixels.transpose(0, 2, 3, 1)[:, None])
+  assert np.abs(logits - hf_logits).max() <= 1e-4
+  assert np.abs(hf_logits).max() > 0.1
+  np.testing.assert_array_equal(tokens, hf_tokens)
 
 
 def _llava_moe(**moe):
