@@ -69,7 +69,7 @@ def test_configs_are_frozen():
     _cfg().model.decoder.width = 3
 
 
-@pytest.mark.parametrize("name", ["shapes_tiny", "smolvlm_256m", "llava15_7b"])
+@pytest.mark.parametrize("name", ["shapes_tiny", "smolvlm_256m", "llava15_7b", "bench_cpu"])
 def test_dict_round_trip(name):
   cfg = config.load(name)
   assert config.from_dict(config.Config, config.to_dict(cfg)) == cfg
@@ -79,3 +79,4 @@ def test_image_tokens_per_tile():
   assert config.load("shapes_tiny").model.image_tokens_per_tile == 9    # (48/8)^2 / 2^2
   assert config.load("smolvlm_256m").model.image_tokens_per_tile == 64  # (512/16)^2 / 4^2
   assert config.load("llava15_7b").model.image_tokens_per_tile == 576   # (336/14)^2, CLS dropped
+  assert config.load("bench_cpu").model.image_tokens_per_tile == 16     # (128/16)^2 / 2^2
