@@ -16,6 +16,8 @@ def record_features(encoding_format: str | None = "png") -> tfds.features.Featur
       "caption": text(),
       "turns": tfds.features.Sequence({"role": text(), "content": text()}),
       "question_types": tfds.features.Sequence(text()),
+      # Captions that are false for the (single) image, for contrastive hard negatives; empty if none.
+      "negative_captions": tfds.features.Sequence(text()),
   })
 
 

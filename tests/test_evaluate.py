@@ -83,7 +83,7 @@ class Stub:
 
 def _oracle(records):
   table = {_key(q.images, q.prompt): q.answer for q in evaluate.questions(records)}
-  table.update({_key(r["images"][:1], "<image>"): r["caption"] for r in records})
+  table.update({_key(r["images"], "\n".join(["<image>"] * len(r["images"]))): r["caption"] for r in records})
   return Stub(table)
 
 
@@ -135,9 +135,12 @@ def test_blind_pass_feeds_grey_images_of_the_same_sizes(shapes_data_dir):
       np.testing.assert_array_equal(r, im)
       assert b.shape == im.shape and b.dtype == np.uint8 and (b == 128).all()
   for record, ((ims, prompt), n) in zip(records, captions):
-    assert prompt == "<image>" and n == evaluate.CAPTION_TOKENS  # the caption task's user turn
-    assert len(ims) == 1
-    np.testing.assert_array_equal(ims[0], record["images"][0])
+    # the caption task's user turn: one <image> per image, as the caption describes them all
+    assert prompt == "\n".join(["<image>"] * len(record["images"])) and n == evaluate.CAPTION_TOKENS
+    assert len(ims) == len(record["images"])
+    for im, expected in zip(ims, record["images"]):
+      np.testing.assert_array_equal(im, expected)
+  assert {len(ims) for (ims, _), _ in captions} == {1, 2}
 
 
 def test_evaluate_writes_results_and_grid(shapes_data_dir, tmp_path):

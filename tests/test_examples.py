@@ -108,9 +108,29 @@ def test_caption_text_image_text(tok):
   assert ex["text_ids"][:5].tolist() == tok.encode("A red circle and two blue squares.")[:5]
   assert pre.to_example(record(caption=""), "caption") is None
   assert pre.to_example(record(0), "image_text") is None
-  assert pre.counts == {"kept": 3, "dropped_no_caption": 1, "dropped_no_image": 1}
+  assert pre.to_example(record(2), "image_text") is None  # a caption of two images is no pair for one
+  assert pre.counts == {"kept": 3, "dropped_no_caption": 1, "dropped_no_image": 1, "dropped_multi_image": 1}
   with pytest.raises(ValueError, match="Unknown task"):
     pre.to_example(record(), "vqa")
+
+
+def test_caption_of_two_images_shows_both(tok):
+  ex = Preprocessor(make_config(), tok).to_example(record(2, caption="Two circles."), "caption")
+  assert tok.decode(ex["input_ids"]) == ("<|im_start|>user\n" + "<image>" * 4 + "\n" + "<image>" * 4 + "<|im_end|>\n"
+                                         "<|im_start|>assistant\nTwo circles.<|im_end|>\n")
+  assert ex["tiles"].shape == (2, 16, 16, 3)
+
+
+def test_image_text_hard_negatives(tok):
+  cfg = make_config()
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, contrastive=ContrastiveConfig(
+      max_text_len=32, hard_negatives=2)))
+  negatives = ["A blue circle.", "A red square.", "Two red circles."]
+  ex = Preprocessor(cfg, tok).to_example({**record(caption="A red circle."), "negative_captions": negatives},
+                                         "image_text")
+  assert [tok.decode(n[:-1]) for n in ex["negative_text_ids"]] == negatives[:2]
+  assert all(n[-1] == tok.eos_id for n in ex["negative_text_ids"])
+  assert Preprocessor(cfg, tok).to_example(record(), "image_text")["negative_text_ids"] == []
 
 
 def test_text_truncated_to_seq_len(tok):

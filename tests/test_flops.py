@@ -202,6 +202,21 @@ def test_contrastive_matches_xla_gradients():
       _xla_flops(jax.value_and_grad(loss), trainable, frozen), rel=0.05)
 
 
+def test_contrastive_hard_negatives_match_xla():
+  """K hard negatives per image: the text tower runs on B * (1 + K) texts, plus the [B, K] negative logits."""
+  k = 3
+  cfg = config.load("shapes_tiny", WIDE + [f"model.contrastive.hard_negatives={k}"])
+  params, _ = vlm_lib.abstract_params(cfg.model)
+  model, rows, length = vlm_lib.VLM(cfg.model), B * 4, cfg.model.contrastive.max_text_len
+  pixels = jnp.zeros((rows, 1, 48, 48, 3))
+  text = jnp.zeros((rows * (1 + k), length), jnp.int32)
+
+  def forward(p):
+    image, txt, _, _ = model.apply({"params": p}, pixels, text, text == 0, method=vlm_lib.VLM.contrastive_embeddings)
+    return image @ txt[:rows].T, jnp.einsum("ie,ike->ik", image, txt[rows:].reshape(rows, k, -1))
+  assert flops.forward_flops(cfg, rows, loss="contrastive") == pytest.approx(_xla_flops(forward, params), rel=0.05)
+
+
 def test_moe_forward_matches_xla_plus_dispatch_work():
   """Every layer MoE (4 experts, top-2, dropless): XLA also counts what model FLOPs leave out, the one-hot dispatch
   and combine einsums (2*B*S*E*C*D each) and the empty capacity slots (E*C slots per row and expert layer, C = S

@@ -45,6 +45,34 @@ def test_clip_loss_matches_numpy():
   np.testing.assert_allclose(float(clip_loss(img, txt, np.float32(10.0))), expected, rtol=1e-5)
 
 
+def test_clip_loss_hard_negatives_join_only_their_image_row():
+  rng = np.random.RandomState(3)
+  img, txt, neg = _normalized(rng, 4, 6), _normalized(rng, 4, 6), _normalized(rng, 8, 6).reshape(4, 2, 6)
+  valid = np.array([[True, True], [True, False], [False, False], [True, True]])
+  logits = 10.0 * img.astype(np.float64) @ txt.T.astype(np.float64)
+  negative = 10.0 * np.einsum("ie,ike->ik", img.astype(np.float64), neg.astype(np.float64))
+  rows = np.concatenate([logits, np.where(valid, negative, -np.inf)], axis=1)
+  idx = np.arange(4)
+  expected = -0.5 * (_log_softmax(rows, 1)[idx, idx].mean() + _log_softmax(logits, 0)[idx, idx].mean())
+  got = float(clip_loss(img, txt, np.float32(10.0), neg, valid))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert got > float(clip_loss(img, txt, np.float32(10.0)))  # negatives only ever add to the loss
+  none_valid = clip_loss(img, txt, np.float32(10.0), neg, np.zeros((4, 2), bool))
+  np.testing.assert_allclose(float(none_valid), float(clip_loss(img, txt, np.float32(10.0))), rtol=1e-6)
+
+
+def test_siglip_loss_hard_negatives_are_extra_negative_pairs():
+  rng = np.random.RandomState(4)
+  img, txt, neg = _normalized(rng, 4, 6), _normalized(rng, 4, 6), _normalized(rng, 8, 6).reshape(4, 2, 6)
+  valid = np.array([[True, False], [True, True], [False, False], [True, True]])
+  logits = 10.0 * img.astype(np.float64) @ txt.T.astype(np.float64) - 3.0
+  negative = 10.0 * np.einsum("ie,ike->ik", img.astype(np.float64), neg.astype(np.float64)) - 3.0
+  z = 2 * np.eye(4) - 1
+  expected = (np.sum(np.log1p(np.exp(-z * logits))) + np.sum(np.where(valid, np.log1p(np.exp(negative)), 0))) / 4
+  got = siglip_loss(img, txt, np.float32(10.0), np.float32(-3.0), neg, valid)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
 def test_siglip_loss_matches_numpy():
   rng = np.random.RandomState(2)
   img, txt = _normalized(rng, 4, 6), _normalized(rng, 4, 6)

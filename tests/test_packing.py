@@ -86,3 +86,15 @@ def test_collate_and_image_text():
   np.testing.assert_array_equal(row["text_ids"], [5, 6, 3, 0, 0])
   np.testing.assert_array_equal(row["text_mask"], [True, True, True, False, False])
   assert row["pixel_values"].shape == (1, H, H, 3) and row["text_ids"].dtype == np.int32
+  assert "negative_text_ids" not in row
+
+
+def test_image_text_hard_negatives_padded_and_flagged():
+  example = {"pixel_values": np.ones((1, H, H, 3)), "text_ids": [5, 6, 3], "negative_text_ids": [[7, 3], [8, 9, 3]]}
+  row = packing.pad_image_text(example, 4, PAD, hard_negatives=3)
+  np.testing.assert_array_equal(row["negative_text_ids"], [[7, 3, 0, 0], [8, 9, 3, 0], [0, 0, 0, 0]])
+  # A missing negative keeps one real (pad) token so its embedding is finite; negative_valid drops it.
+  np.testing.assert_array_equal(row["negative_text_mask"].sum(1), [2, 3, 1])
+  np.testing.assert_array_equal(row["negative_valid"], [True, True, False])
+  row = packing.pad_image_text(example, 4, PAD, hard_negatives=1)
+  np.testing.assert_array_equal(row["negative_text_ids"], [[7, 3, 0, 0]])

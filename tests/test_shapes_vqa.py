@@ -28,6 +28,27 @@ def test_caption_of_fixed_scenes():
   assert "; in the second image, a small purple triangle at the top, " in scenes.caption((two, three))
 
 
+def test_negative_captions_each_make_one_fact_false():
+  two = scenes.Scene(64, 48, GREY, 0.0, (S("square", "blue", "small", "bottom"), S("circle", "red", "large", "left")))
+  true = scenes.caption((two,))
+  for seed in range(20):
+    kind, colour, position, size = scenes.negative_captions(np.random.default_rng(seed), two)
+    for negative, words in ((kind, scenes.SHAPES), (colour, scenes.COLOURS), (size, scenes.SIZES)):
+      changed = [(a, b) for a, b in zip(true.split(), negative.split()) if a != b]
+      assert len(changed) == 1 and changed[0][1] in words and len(true.split()) == len(negative.split())
+    moved = {p for p in scenes.POSITIONS if scenes.PHRASES[p] in position} - {"left", "bottom"}
+    assert len(moved) == 1 and moved <= {"top", "right", "center"} and position != true
+  rng = np.random.default_rng(0)
+  assert scenes.negative_captions(rng, two)[1] != true
+
+
+def test_examples_carry_negatives_only_with_one_image():
+  specs = [example_spec(0, "train", i) for i in range(40)]
+  assert {len(s.negative_captions) for s in specs if len(s.scenes) == 1} == {4}
+  assert {len(s.negative_captions) for s in specs if len(s.scenes) == 2} == {0}
+  assert all(s.caption not in s.negative_captions for s in specs)
+
+
 @pytest.mark.parametrize("size", scenes.IMAGE_SIZES)
 def test_position_rule_each_shape_stays_in_its_cell(size):
   width, height = size
@@ -142,6 +163,7 @@ def test_prepared_dataset_and_tokenizer(shapes_data_dir):  # noqa: F811
   assert record["caption"] == spec.caption
   assert [(t["role"], t["content"]) for t in record["turns"]] == list(spec.turns)
   assert record["question_types"] == list(spec.question_types)
+  assert record["negative_captions"] == list(spec.negative_captions)
   for image, scene, k in zip(record["images"], spec.scenes, itertools.count()):  # PNG is lossless
     np.testing.assert_array_equal(image, scenes.render(scene, noise_seed=(0, 1, 5, k)))
   tok = Tokenizer.load(tokenizer_dir(builder))

@@ -174,6 +174,27 @@ def test_contrastive_stage_loss_and_frozen_decoder():
   assert np.abs(start["params"]["vision"]["pos_embed"] - end["params"]["vision"]["pos_embed"]).max() > 0
 
 
+def test_contrastive_step_with_hard_negatives():
+  cfg = config_lib.load("shapes_tiny", TINY + ["model.contrastive.hard_negatives=2"])
+  batch = contrastive_batch(cfg)
+  rng = np.random.default_rng(1)
+  length = cfg.model.contrastive.max_text_len
+  batch["negative_text_mask"] = np.arange(length)[None, None] < rng.integers(2, length, (8, 2, 1))
+  batch["negative_text_ids"] = np.where(batch["negative_text_mask"], rng.integers(10, 64, (8, 2, length)), 0
+                                        ).astype(np.int32)
+  batch["negative_valid"] = rng.random((8, 2)) < 0.7
+  start, _, metrics = run_steps(cfg, "vision_pretrain", batch, steps=1, mesh_cfg=MeshConfig(data=1),
+                                devices=jax.devices()[:1])
+  embed = jax.jit(lambda p, ids, mask: vlm.VLM(cfg.model).apply(
+      {"params": p}, batch["pixel_values"], ids, mask, method=vlm.VLM.contrastive_embeddings))
+  image, text, scale, _ = embed(start["params"], batch["text_ids"], batch["text_mask"])
+  _, negative, _, _ = embed(start["params"], batch["negative_text_ids"].reshape(16, length),
+                            batch["negative_text_mask"].reshape(16, length))
+  expected = losses.clip_loss(image, text, scale, negative.reshape(8, 2, -1), batch["negative_valid"])
+  np.testing.assert_allclose(metrics[0]["loss"], float(expected), rtol=1e-5)
+  assert metrics[0]["loss"] > float(losses.clip_loss(image, text, scale)) + 1e-3
+
+
 def test_eval_step_matches_the_reference_loss():
   cfg = tiny_config()
   batch = lm_batch(cfg, seed=2)

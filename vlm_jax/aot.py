@@ -109,6 +109,11 @@ def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num
     size, length = config.model.vision.image_size, config.model.contrastive.max_text_len
     arrays = {"pixel_values": np.zeros((batch_size, 1, size, size, 3), np.float32),
               "text_ids": np.zeros((batch_size, length), np.int32), "text_mask": np.ones((batch_size, length), bool)}
+    k = config.model.contrastive.hard_negatives
+    if k:
+      arrays.update(negative_text_ids=np.zeros((batch_size, k, length), np.int32),
+                    negative_text_mask=np.ones((batch_size, k, length), bool),
+                    negative_valid=np.ones((batch_size, k), bool))
   else:
     arrays = vlm.dummy_batch(config.model, batch_size, seq_len, num_tiles)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding(mesh, v.ndim)) for k, v in arrays.items()}

@@ -126,6 +126,9 @@ class ContrastiveConfig:
   mlp_dim: int = 512
   embed_dim: int = 128  # shared image/text embedding size
   max_text_len: int = 32
+  # Per image, up to this many of its record's `negative_captions` join the batch's texts as extra negatives
+  # (NegCLIP-style hard negatives); 0 uses none.
+  hard_negatives: int = 0
   init_temperature: float = 10.0  # logit scale starts at log(init_temperature)
   init_bias: float = -10.0  # SigLIP only
 

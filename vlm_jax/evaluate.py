@@ -9,7 +9,7 @@ questions and answers. The answer then depends on the images and that question o
 under the same conditions whatever its place in the record, and the prompt has the shape of a record's first
 turn in training. The blind pass asks the same questions with every image replaced by a mid-grey image of
 the same size (same prompt, same tiles), so `accuracy - blind_accuracy` is what the images contribute.
-The caption score asks with the `caption` training task's prompt (user turn `<image>`, the first image) and
+The caption score asks with the `caption` training task's prompt (user turn `<image>` per image) and
 compares to the record's caption by token F1.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tqdm
 
+from vlm_jax.inputs.examples import caption_prompt
 from vlm_jax.inputs.images import grey_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN
 
@@ -181,8 +182,8 @@ def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16,
     answers = _answers(generator, [(q.images, q.prompt) for q in qs], ANSWER_TOKENS, batch_size, bar)
     blind_answers = _answers(generator, [(blind(q.images), q.prompt) for q in qs], ANSWER_TOKENS, batch_size,
                              bar)
-    captions = _answers(generator, [(r["images"][:1], IMAGE_TOKEN) for r in captioned], CAPTION_TOKENS,
-                        batch_size, bar)
+    captions = _answers(generator, [(r["images"], caption_prompt(len(r["images"]))) for r in captioned],
+                        CAPTION_TOKENS, batch_size, bar)
   types = [q.type for q in qs]
   results = {
       "accuracy": accuracy_by_type(types, [exact_match(a, q.answer) for a, q in zip(answers, qs)]),

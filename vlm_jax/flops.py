@@ -151,8 +151,8 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
 
   loss 'lm': input_ids [batch_size, seq_len], pixel_values [batch_size, num_tiles, H, W, 3]
   (defaults data.seq_len, data.max_tiles; num_tiles=0 is a text-only batch).
-  loss 'contrastive': one image and contrastive.max_text_len text tokens per row, and the
-  [batch, embed] x [embed, batch] similarity matrix.
+  loss 'contrastive': one image and (1 + contrastive.hard_negatives) texts of contrastive.max_text_len
+  tokens per row, the [batch, embed] x [embed, batch] similarity matrix and each image's [K] negative logits.
   """
   m = cfg.model
   v, d = m.vision, m.decoder
@@ -183,11 +183,14 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
     t.add("contrastive.pool.fc2", "contrastive_image", f"{pool}/mlp/fc2/kernel", batch_size, v.mlp_dim, v.width)
     t.add("contrastive.image_proj", "contrastive_image", "contrastive/image_proj/kernel", batch_size, v.width,
           c.embed_dim)
-    t.encoder("contrastive.text", "contrastive_text", f"contrastive/text/{layers}", batch_size * c.max_text_len,
+    texts = batch_size * (1 + c.hard_negatives)
+    t.encoder("contrastive.text", "contrastive_text", f"contrastive/text/{layers}", texts * c.max_text_len,
               c.max_text_len, c.width, c.mlp_dim, c.depth)
-    t.add("contrastive.text_proj", "contrastive_text", "contrastive/text_proj/kernel", batch_size, c.width,
+    t.add("contrastive.text_proj", "contrastive_text", "contrastive/text_proj/kernel", texts, c.width,
           c.embed_dim)
     t.add("contrastive.logits", "contrastive_logits", None, batch_size, c.embed_dim, batch_size)
+    if c.hard_negatives:
+      t.add("contrastive.negative_logits", "contrastive_logits", None, batch_size, c.embed_dim, c.hard_negatives)
     return t.items
 
   if tiles:

@@ -34,8 +34,8 @@ def config_name(json_path: str) -> str:
 class LlavaJson(RecordBuilder):
   """A LLaVA JSON conversation dataset; images keep their file bytes unless repaired (then PNG)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "negative_captions field (always empty here)."}
 
   @classmethod
   def from_options(cls, data_dir: str, config: str | None = None, *, json_path: str = "", image_dir: str = "",

@@ -149,7 +149,7 @@ def convert_record(record, index: int, image_dir: epath.Path, max_pixels: int = 
   images = [load_image(image_dir / n, max_pixels, repairs) for n in names]
   record_id = record.get("id", index)
   return {"id": _text(str(record_id)), "images": images, "caption": "", "turns": turns,
-          "question_types": [""] * sum(t["role"] == "assistant" for t in turns)}, repairs
+          "question_types": [""] * sum(t["role"] == "assistant" for t in turns), "negative_captions": []}, repairs
 
 
 def read_json(path: epath.Path) -> list:

@@ -66,6 +66,7 @@ class Example:
   caption: str
   turns: tuple[tuple[str, str], ...]  # (role, content); the first user turn starts with the <image> marks
   question_types: tuple[str, ...]
+  negative_captions: tuple[str, ...] = ()  # hard negatives of a one-image caption (`negative_captions`)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +116,9 @@ def sample_example(rng: np.random.Generator) -> Example:
   for i, (_, question, answer) in enumerate(qa):
     prefix = "<image>\n" * len(scenes) if i == 0 else ""
     turns += [("user", prefix + question), ("assistant", answer)]
-  return Example(scenes, caption(scenes), tuple(turns), tuple(t for t, _, _ in qa))
+  # Drawn last, so the questions of an index do not depend on them.
+  negatives = negative_captions(rng, scenes[0]) if len(scenes) == 1 else ()
+  return Example(scenes, caption(scenes), tuple(turns), tuple(t for t, _, _ in qa), negatives)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,6 +139,23 @@ def caption(scenes: tuple[Scene, ...]) -> str:
   if len(scenes) == 1:
     return scene_caption(scenes[0])
   return "; ".join(f"in the {o} image, {scene_caption(s)}" for o, s in zip(ORDINALS, scenes))
+
+
+def negative_captions(rng: np.random.Generator, scene: Scene) -> tuple[str, ...]:
+  """Hard negatives (as in NegCLIP) for contrastive pretraining: the caption with one fact made false, one
+  each of kind, colour, position and size, in that order. A global image embedding can tell them from
+  the true caption only if it knows which shape of which colour sits where, so training against them pushes
+  kind, colour and location into the patch features that the VLM later reads."""
+  shapes = list(scene.shapes)
+  empty = [p for p in POSITIONS if p not in {s.position for s in shapes}]
+
+  def changed(field: str, choices) -> str:
+    i = int(rng.integers(len(shapes)))
+    options = [c for c in choices if c != getattr(shapes[i], field)]
+    other = dataclasses.replace(shapes[i], **{field: options[rng.integers(len(options))]})
+    return scene_caption(dataclasses.replace(scene, shapes=tuple(shapes[:i] + [other] + shapes[i + 1:])))
+  return (changed("kind", SHAPES), changed("colour", list(COLOURS)), changed("position", empty),
+          changed("size", SIZES))
 
 
 def _pick(rng: np.random.Generator, scene: Scene) -> Shape:

@@ -75,7 +75,8 @@ def example_record(seed: int, split: str, index: int, spec: scenes.Example | Non
   images = [scenes.png_bytes(scenes.render(s, noise_seed=(seed, SPLITS.index(split), index, k)))
             for k, s in enumerate(spec.scenes)]
   return {"id": f"{split}_{index:06d}", "images": images, "caption": spec.caption,
-          "turns": [{"role": r, "content": c} for r, c in spec.turns], "question_types": list(spec.question_types)}
+          "turns": [{"role": r, "content": c} for r, c in spec.turns], "question_types": list(spec.question_types),
+          "negative_captions": list(spec.negative_captions)}
 
 
 def corpus(spec: scenes.Example) -> list[str]:
@@ -86,8 +87,9 @@ def corpus(spec: scenes.Example) -> list[str]:
 class ShapesVqa(RecordBuilder):
   """Procedural shapes VQA: 1-4 shapes per image, 1-2 images per example, 3 typed questions each."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "negative_captions (hard negatives for contrastive pretraining)."}
   BUILDER_CONFIGS = [make_config(name) for name in PRESETS]
   DEFAULT_CONFIG_NAME = "default"
 

@@ -4,10 +4,13 @@ Tasks:
 - conversation: ChatML over the record's turns, labels on assistant turns. Too long for data.seq_len or
   too many tiles for data.max_tiles: cut after the last assistant turn that fits (whole turns only, so an
   image's tokens are never split); dropped when not even the first assistant turn fits.
-- caption: LLaVA pretraining, user `<image>` (the first image) and the caption as the assistant's answer.
+- caption: LLaVA pretraining, user `<image>` (one per image of the record, `caption_prompt`) and the caption
+  as the assistant's answer.
 - text: the record's caption and turn texts without images, joined by `\\n`, then eos; all labelled.
   Cut to seq_len (any prefix of plain text is still good language-model data).
-- image_text: the first image as one square tile + the caption ids (cut, then eos) for contrastive training.
+- image_text: the image as one square tile + the caption ids (cut, then eos) for contrastive training, and
+  the ids of up to `contrastive.hard_negatives` of the record's `negative_captions`. Records with several
+  images are dropped: their caption describes all of them, so it is no pair for any one image.
 
 `Preprocessor.counts` counts kept, truncated and dropped records by reason.
 """
@@ -27,7 +30,8 @@ TASKS = ("conversation", "caption", "text", "image_text")
 
 class Preprocessor:
   """Turns records into examples: {"input_ids" int32 [n], "labels" int32 [n], "tiles" float32 [t, H, W, 3]}
-  for the language-model tasks, {"pixel_values" float32 [1, H, W, 3], "text_ids" int32 [m]} for image_text."""
+  for the language-model tasks, {"pixel_values" float32 [1, H, W, 3], "text_ids" int32 [m],
+  "negative_text_ids": list of int32 [m_j]} for image_text."""
 
   def __init__(self, config: Config, tokenizer: Tokenizer):
     self.config = config
@@ -81,15 +85,15 @@ class Preprocessor:
       return self._drop("no_image")
     if not record["caption"]:
       return self._drop("no_caption")
-    turns = [{"role": "user", "content": IMAGE_TOKEN},
+    turns = [{"role": "user", "content": caption_prompt(len(record["images"]))},
              {"role": "assistant", "content": record["caption"]}]
-    prompts, tiles_per_image = self._image_prompts(record["images"][:1])
-    if tiles_per_image[0] > self.max_tiles:
+    prompts, tiles_per_image = self._image_prompts(record["images"])
+    if sum(tiles_per_image) > self.max_tiles:
       return self._drop("too_many_tiles")
     parts = chat.tokenize_turns(turns, prompts, self.tokenizer)
     if sum(len(p.input_ids) for p in parts) > self.seq_len:
       return self._drop("too_long")
-    return self._assemble(parts, record["images"][:1])
+    return self._assemble(parts, record["images"])
 
   def _text(self, record: dict) -> dict | None:
     texts = [record["caption"]] + [t["content"].replace(IMAGE_TOKEN, "") for t in record["turns"]]
@@ -111,15 +115,19 @@ class Preprocessor:
   def _image_text(self, record: dict) -> dict | None:
     if not record["images"]:
       return self._drop("no_image")
+    if len(record["images"]) > 1:
+      return self._drop("multi_image")
     if not record["caption"]:
       return self._drop("no_caption")
-    max_len = self.config.model.contrastive.max_text_len
-    ids = self.tokenizer.encode(record["caption"])[:max_len - 1] + [self.tokenizer.eos_id]
+    contrastive = self.config.model.contrastive
+    encode = lambda text: np.asarray(self.tokenizer.encode(text)[:contrastive.max_text_len - 1]
+                                     + [self.tokenizer.eos_id], np.int32)
+    negatives = record.get("negative_captions", [])[:contrastive.hard_negatives]
     size = self.config.model.vision.image_size
     image = images.resize(np.asarray(record["images"][0]), size, size, self.config.data.resample)
     vision = self.config.model.vision
     return {"pixel_values": images.normalize(image, vision.image_mean, vision.image_std)[None],
-            "text_ids": np.asarray(ids, np.int32)}
+            "text_ids": encode(record["caption"]), "negative_text_ids": [encode(t) for t in negatives]}
 
   # ----- prompts for generation
 
@@ -176,6 +184,11 @@ class Preprocessor:
       raise ValueError(f"{n_image_ids} {IMAGE_TOKEN} ids for {len(tiles)} tiles of {self.tokens_per_tile} "
                        f"tokens: does the tokenizer keep {IMAGE_TOKEN} as one token?")
     return {"input_ids": input_ids, "labels": labels, "tiles": tiles}
+
+
+def caption_prompt(n_images: int) -> str:
+  """The user turn of the caption task: one `<image>` per image, one per line (a caption describes them all)."""
+  return "\n".join([IMAGE_TOKEN] * n_images)
 
 
 def with_image_placeholders(turns: list[dict], n_images: int) -> list[dict] | None:

@@ -45,6 +45,7 @@ def normalize_record(raw: dict) -> dict:
       "caption": _text(raw["caption"]),
       "turns": [{"role": _text(r), "content": _text(c)} for r, c in zip(turns["role"], turns["content"])],
       "question_types": [_text(q) for q in raw["question_types"]],
+      "negative_captions": [_text(c) for c in raw.get("negative_captions", [])],
   }
 
 
@@ -109,6 +110,7 @@ class _ToRow:
     self.task, self.pack, self.data = stage.task, pack, config.data
     self.pad_id = tokenizer.pad_id
     self.max_text_len = config.model.contrastive.max_text_len
+    self.hard_negatives = config.model.contrastive.hard_negatives
     self.max_tiles = tile_slots(config, stage)
 
   def __call__(self, record: dict) -> dict | None:
@@ -116,7 +118,7 @@ class _ToRow:
     if example is None or self.pack:
       return example
     if self.task == "image_text":
-      return packing.pad_image_text(example, self.max_text_len, self.pad_id)
+      return packing.pad_image_text(example, self.max_text_len, self.pad_id, self.hard_negatives)
     return packing.pad_example(example, self.data.seq_len, self.max_tiles, self.pad_id,
                                self.data.padding_side)
 

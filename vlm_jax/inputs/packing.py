@@ -101,16 +101,29 @@ def pack(examples, seq_len: int, max_tiles: int, pad_id: int) -> list[dict]:
   return rows + ([last] if last is not None else [])
 
 
-def pad_image_text(example: dict, max_text_len: int, pad_id: int) -> dict:
-  """{"pixel_values" [1, H, W, 3], "text_ids" [m]} -> pixel_values float32 [1, H, W, 3], text_ids int32 [L],
-  text_mask bool [L] (L = max_text_len), padded on the right."""
-  ids = np.asarray(example["text_ids"], np.int32)
+def _pad_text(ids, max_text_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.asarray(ids, np.int32)
   if len(ids) > max_text_len:
     raise ValueError(f"text_ids of length {len(ids)} exceed max_text_len={max_text_len}.")
-  pad = max_text_len - len(ids)
-  return {"pixel_values": np.asarray(example["pixel_values"], np.float32),
-          "text_ids": np.pad(ids, (0, pad), constant_values=pad_id),
-          "text_mask": np.arange(max_text_len) < len(ids)}
+  return np.pad(ids, (0, max_text_len - len(ids)), constant_values=pad_id), np.arange(max_text_len) < len(ids)
+
+
+def pad_image_text(example: dict, max_text_len: int, pad_id: int, hard_negatives: int = 0) -> dict:
+  """{"pixel_values" [1, H, W, 3], "text_ids" [m], "negative_text_ids" (optional) list of [m_j]} ->
+  pixel_values float32 [1, H, W, 3], text_ids int32 [L], text_mask bool [L] (L = max_text_len), padded on the
+  right; with hard_negatives = K > 0 also negative_text_ids int32 [K, L], negative_text_mask bool [K, L] and
+  negative_valid bool [K] (False for the missing ones when the record has fewer than K)."""
+  ids, mask = _pad_text(example["text_ids"], max_text_len, pad_id)
+  out = {"pixel_values": np.asarray(example["pixel_values"], np.float32), "text_ids": ids, "text_mask": mask}
+  if hard_negatives:
+    negatives = list(example.get("negative_text_ids", []))[:hard_negatives]
+    padded = [_pad_text(n, max_text_len, pad_id) for n in negatives]
+    # A missing negative is one real pad token (an all-masked row could give NaN), masked out of the loss.
+    padded += [_pad_text([pad_id], max_text_len, pad_id)] * (hard_negatives - len(padded))
+    out["negative_text_ids"] = np.stack([p[0] for p in padded])
+    out["negative_text_mask"] = np.stack([p[1] for p in padded])
+    out["negative_valid"] = np.arange(hard_negatives) < len(negatives)
+  return out
 
 
 def collate(rows: list[dict]) -> dict:

@@ -102,13 +102,21 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
   loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
   over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder)."""
   if stage.loss == "contrastive":
-    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], batch["text_ids"],
-                                           batch["text_mask"], method=vlm.VLM.contrastive_embeddings,
-                                           rngs={"dropout": rng})
+    text_ids, text_mask, negatives = batch["text_ids"], batch["text_mask"], None
+    b, k = text_ids.shape[0], model.config.contrastive.hard_negatives
+    if k:  # one text-tower call over the captions and their hard negatives: [B + B * K, L]
+      length = text_ids.shape[1]
+      text_ids = jnp.concatenate([text_ids, batch["negative_text_ids"].reshape(b * k, length)])
+      text_mask = jnp.concatenate([text_mask, batch["negative_text_mask"].reshape(b * k, length)])
+    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], text_ids, text_mask,
+                                           method=vlm.VLM.contrastive_embeddings, rngs={"dropout": rng})
+    if k:
+      text, negatives = text[:b], text[b:].reshape(b, k, -1)
+    negative_valid = batch.get("negative_valid")
     if model.config.contrastive.loss == "siglip":
-      loss = losses.siglip_loss(image, text, scale, bias)
+      loss = losses.siglip_loss(image, text, scale, bias, negatives, negative_valid)
     else:
-      loss = losses.clip_loss(image, text, scale)
+      loss = losses.clip_loss(image, text, scale, negatives, negative_valid)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
     return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
   out = model.apply({"params": params}, batch, rngs={"dropout": rng})
