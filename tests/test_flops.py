@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlm_jax import config, flops
+from vlm_jax import config, flops, losses
 from vlm_jax.model import vlm as vlm_lib
 
 # Wide enough that matmuls dominate XLA's count (it also counts norms, softmax, activations), small
@@ -202,10 +202,13 @@ def test_contrastive_matches_xla_gradients():
       _xla_flops(jax.value_and_grad(loss), trainable, frozen), rel=0.05)
 
 
-def test_contrastive_hard_negatives_match_xla():
-  """K hard negatives per image: the text tower runs on B * (1 + K) texts, plus the [B, K] negative logits."""
+@pytest.mark.parametrize("similarity", ["global", "token"])
+def test_contrastive_hard_negatives_match_xla(similarity):
+  """K hard negatives per image: the text tower runs on B * (1 + K) texts, plus each image's [K] negative
+  similarities. similarity=token: patches and text tokens are projected, and pairs compared token by patch."""
   k = 3
-  cfg = config.load("shapes_tiny", WIDE + [f"model.contrastive.hard_negatives={k}"])
+  cfg = config.load("shapes_tiny", WIDE + [f"model.contrastive.hard_negatives={k}",
+                                           f"model.contrastive.similarity={similarity}"])
   params, _ = vlm_lib.abstract_params(cfg.model)
   model, rows, length = vlm_lib.VLM(cfg.model), B * 4, cfg.model.contrastive.max_text_len
   pixels = jnp.zeros((rows, 1, 48, 48, 3))
@@ -213,7 +216,8 @@ def test_contrastive_hard_negatives_match_xla():
 
   def forward(p):
     image, txt, _, _ = model.apply({"params": p}, pixels, text, text == 0, method=vlm_lib.VLM.contrastive_embeddings)
-    return image @ txt[:rows].T, jnp.einsum("ie,ike->ik", image, txt[rows:].reshape(rows, k, -1))
+    return (losses.similarity(image, txt[:rows]),
+            losses.own_similarity(image, txt[rows:].reshape(rows, k, *txt.shape[1:])))
   assert flops.forward_flops(cfg, rows, loss="contrastive") == pytest.approx(_xla_flops(forward, params), rel=0.05)
 
 

@@ -1,7 +1,7 @@
 """Losses against NumPy references."""
 import numpy as np
 
-from vlm_jax.losses import IGNORE_ID, clip_loss, siglip_loss, token_cross_entropy
+from vlm_jax.losses import IGNORE_ID, clip_loss, own_similarity, siglip_loss, similarity, token_cross_entropy
 
 
 def _log_softmax(x, axis=-1):
@@ -71,6 +71,26 @@ def test_siglip_loss_hard_negatives_are_extra_negative_pairs():
   expected = (np.sum(np.log1p(np.exp(-z * logits))) + np.sum(np.where(valid, np.log1p(np.exp(negative)), 0))) / 4
   got = siglip_loss(img, txt, np.float32(10.0), np.float32(-3.0), neg, valid)
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_token_similarity_is_each_words_best_patch_averaged():
+  rng = np.random.RandomState(5)
+  img, txt = _normalized(rng, 2 * 3, 4).reshape(2, 3, 4), _normalized(rng, 3 * 5, 4).reshape(3, 5, 4)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+  expected = np.zeros((2, 3))
+  for i in range(2):
+    for t in range(3):
+      best = (txt[t].astype(np.float64) @ img[i].T.astype(np.float64)).max(axis=1)  # [L]: each token's best patch
+      expected[i, t] = best[mask[t]].mean()
+  np.testing.assert_allclose(np.asarray(similarity(img, txt, mask)), expected, rtol=1e-5)
+  # own_similarity pairs image i only with its own texts: here texts[i] = all three, so it is the same matrix.
+  own = own_similarity(img, np.broadcast_to(txt, (2, 3, 5, 4)), np.broadcast_to(mask, (2, 3, 5)))
+  np.testing.assert_allclose(np.asarray(own), expected, rtol=1e-5)
+  loss = clip_loss(img, txt[:2], np.float32(10.0), text_mask=mask[:2])
+  logits = 10.0 * expected[:, :2]
+  idx = np.arange(2)
+  reference = -0.5 * (_log_softmax(logits, 1)[idx, idx].mean() + _log_softmax(logits, 0)[idx, idx].mean())
+  np.testing.assert_allclose(float(loss), reference, rtol=1e-5)
 
 
 def test_siglip_loss_matches_numpy():

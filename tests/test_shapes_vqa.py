@@ -32,14 +32,14 @@ def test_negative_captions_each_make_one_fact_false():
   two = scenes.Scene(64, 48, GREY, 0.0, (S("square", "blue", "small", "bottom"), S("circle", "red", "large", "left")))
   true = scenes.caption((two,))
   for seed in range(20):
-    kind, colour, position, size = scenes.negative_captions(np.random.default_rng(seed), two)
+    kind, position, colour, size = scenes.negative_captions(np.random.default_rng(seed), two)
     for negative, words in ((kind, scenes.SHAPES), (colour, scenes.COLOURS), (size, scenes.SIZES)):
       changed = [(a, b) for a, b in zip(true.split(), negative.split()) if a != b]
       assert len(changed) == 1 and changed[0][1] in words and len(true.split()) == len(negative.split())
     moved = {p for p in scenes.POSITIONS if scenes.PHRASES[p] in position} - {"left", "bottom"}
     assert len(moved) == 1 and moved <= {"top", "right", "center"} and position != true
   rng = np.random.default_rng(0)
-  assert scenes.negative_captions(rng, two)[1] != true
+  assert scenes.negative_captions(rng, two)[2] != true
 
 
 def test_examples_carry_negatives_only_with_one_image():

@@ -174,8 +174,10 @@ def test_contrastive_stage_loss_and_frozen_decoder():
   assert np.abs(start["params"]["vision"]["pos_embed"] - end["params"]["vision"]["pos_embed"]).max() > 0
 
 
-def test_contrastive_step_with_hard_negatives():
-  cfg = config_lib.load("shapes_tiny", TINY + ["model.contrastive.hard_negatives=2"])
+@pytest.mark.parametrize("similarity", ["global", "token"])
+def test_contrastive_step_with_hard_negatives(similarity):
+  cfg = config_lib.load("shapes_tiny", TINY + ["model.contrastive.hard_negatives=2",
+                                               f"model.contrastive.similarity={similarity}"])
   batch = contrastive_batch(cfg)
   rng = np.random.default_rng(1)
   length = cfg.model.contrastive.max_text_len
@@ -190,9 +192,11 @@ def test_contrastive_step_with_hard_negatives():
   image, text, scale, _ = embed(start["params"], batch["text_ids"], batch["text_mask"])
   _, negative, _, _ = embed(start["params"], batch["negative_text_ids"].reshape(16, length),
                             batch["negative_text_mask"].reshape(16, length))
-  expected = losses.clip_loss(image, text, scale, negative.reshape(8, 2, -1), batch["negative_valid"])
+  masks = dict(text_mask=batch["text_mask"], negative_mask=batch["negative_text_mask"])
+  expected = losses.clip_loss(image, text, scale, negative.reshape(8, 2, *negative.shape[1:]),
+                              batch["negative_valid"], **masks)
   np.testing.assert_allclose(metrics[0]["loss"], float(expected), rtol=1e-5)
-  assert metrics[0]["loss"] > float(losses.clip_loss(image, text, scale)) + 1e-3
+  assert metrics[0]["loss"] > float(losses.clip_loss(image, text, scale, text_mask=batch["text_mask"])) + 1e-3
 
 
 def test_eval_step_matches_the_reference_loss():

@@ -129,6 +129,9 @@ class ContrastiveConfig:
   # Per image, up to this many of its record's `negative_captions` join the batch's texts as extra negatives
   # (NegCLIP-style hard negatives); 0 uses none.
   hard_negatives: int = 0
+  # global: one pooled (MAP) embedding per image and per text | token: per-patch and per-token embeddings
+  # compared by late interaction (losses.similarity)
+  similarity: str = "global"
   init_temperature: float = 10.0  # logit scale starts at log(init_temperature)
   init_bias: float = -10.0  # SigLIP only
 
@@ -246,6 +249,7 @@ _CHOICES = {
     "model.projector.kind": ("mlp", "pixel_shuffle"),
     "model.projector.act": ("gelu", "gelu_tanh", "quick_gelu", "relu"),
     "model.contrastive.loss": ("clip", "siglip"),
+    "model.contrastive.similarity": ("global", "token"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "data.tokenizer.kind": ("sentencepiece", "hf"),

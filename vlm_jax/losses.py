@@ -19,18 +19,46 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
   return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
+def similarity(image: jax.Array, text: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:
+  """Cosine similarities of every image with every text -> f32 [B, T].
+
+  Global embeddings: image [B, E], text [T, E]. Token embeddings (`contrastive.similarity="token"`, FILIP-style
+  late interaction): image [B, P, E] patches, text [T, L, E] tokens with text_mask [T, L]; a pair's similarity
+  is the mean over the text's real tokens of the token's best patch. Every word must then find a patch that
+  matches it, which puts what is where into the patch features (a pooled embedding can do without).
+  """
+  image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+  if image.ndim == 2:
+    return jnp.einsum("ie,te->it", image, text)
+  best = jnp.max(jnp.einsum("ipe,tle->itlp", image, text), axis=-1)  # [B, T, L]
+  mask = jnp.ones(text.shape[:2], jnp.float32) if text_mask is None else text_mask.astype(jnp.float32)
+  return jnp.sum(best * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def own_similarity(image: jax.Array, negatives: jax.Array, negative_mask: jax.Array | None = None) -> jax.Array:
+  """Similarity of each image with its own K texts -> f32 [B, K]: image [B, E] or [B, P, E]; negatives
+  [B, K, E] or [B, K, L, E] with negative_mask [B, K, L] (as `similarity`)."""
+  b, k = negatives.shape[:2]
+  if image.ndim == 2:
+    return jnp.einsum("ie,ike->ik", image.astype(jnp.float32), negatives.astype(jnp.float32))
+  mask = None if negative_mask is None else negative_mask[:, None]
+  per_image = jax.vmap(similarity)(image[:, None], negatives, mask)  # [B, 1, K]
+  return per_image.reshape(b, k)
+
+
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
-              negative_emb: jax.Array | None = None, negative_valid: jax.Array | None = None) -> jax.Array:
-  """Symmetric InfoNCE. image_emb, text_emb [B, E] (normalized); logit_scale: the multiplier (already exp'd).
-  Hard negatives (NegCLIP): negative_emb [B, K, E] are texts false for their own image only; they join the
+              negative_emb: jax.Array | None = None, negative_valid: jax.Array | None = None,
+              text_mask: jax.Array | None = None, negative_mask: jax.Array | None = None) -> jax.Array:
+  """Symmetric InfoNCE over the [B, B] `similarity` matrix times logit_scale (already exp'd); embeddings
+  normalized, global [B, E] or per token (see `similarity`, with text_mask).
+  Hard negatives (NegCLIP): negative_emb [B, K, ...] are texts false for their own image only; they join the
   image->text softmax of that image (where negative_valid bool [B, K]) and nothing else.
   Returns the mean of the image->text and text->image cross-entropies, f32 []."""
-  logits = logit_scale * jnp.einsum("ie,te->it", image_emb.astype(jnp.float32), text_emb.astype(jnp.float32))
+  logits = logit_scale * similarity(image_emb, text_emb, text_mask)
   diagonal = jnp.diagonal(logits)
   row_logits = logits
   if negative_emb is not None:
-    negative = logit_scale * jnp.einsum("ie,ike->ik", image_emb.astype(jnp.float32),
-                                        negative_emb.astype(jnp.float32))
+    negative = logit_scale * own_similarity(image_emb, negative_emb, negative_mask)
     if negative_valid is not None:
       negative = jnp.where(negative_valid, negative, -jnp.inf)
     row_logits = jnp.concatenate([logits, negative], axis=1)
@@ -40,17 +68,16 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
 
 
 def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array,
-                negative_emb: jax.Array | None = None, negative_valid: jax.Array | None = None) -> jax.Array:
-  """Pairwise sigmoid loss (SigLIP): -sum log sigmoid(z_ij * (scale * <img_i, txt_j> + bias)) / B with
-  z = +1 on matching pairs, -1 elsewhere. Hard negatives negative_emb [B, K, E] (where negative_valid
-  [B, K]) add one z = -1 pair each with their own image. f32 []."""
-  logits = logit_scale * jnp.einsum("ie,te->it", image_emb.astype(jnp.float32), text_emb.astype(jnp.float32))
-  logits = logits + logit_bias
+                negative_emb: jax.Array | None = None, negative_valid: jax.Array | None = None,
+                text_mask: jax.Array | None = None, negative_mask: jax.Array | None = None) -> jax.Array:
+  """Pairwise sigmoid loss (SigLIP): -sum log sigmoid(z_ij * (scale * sim_ij + bias)) / B with z = +1 on
+  matching pairs, -1 elsewhere (sim as in `similarity`). Hard negatives negative_emb [B, K, ...] (where
+  negative_valid [B, K]) add one z = -1 pair each with their own image. f32 []."""
+  logits = logit_scale * similarity(image_emb, text_emb, text_mask) + logit_bias
   signs = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
   total = jnp.sum(jax.nn.log_sigmoid(signs * logits))
   if negative_emb is not None:
-    negative = logit_scale * jnp.einsum("ie,ike->ik", image_emb.astype(jnp.float32),
-                                        negative_emb.astype(jnp.float32)) + logit_bias
+    negative = logit_scale * own_similarity(image_emb, negative_emb, negative_mask) + logit_bias
     valid = jnp.ones(negative.shape, bool) if negative_valid is None else negative_valid
     total += jnp.sum(jnp.where(valid, jax.nn.log_sigmoid(-negative), 0.0))
   return -total / logits.shape[0]

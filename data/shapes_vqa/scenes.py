@@ -143,7 +143,8 @@ def caption(scenes: tuple[Scene, ...]) -> str:
 
 def negative_captions(rng: np.random.Generator, scene: Scene) -> tuple[str, ...]:
   """Hard negatives (as in NegCLIP) for contrastive pretraining: the caption with one fact made false, one
-  each of kind, colour, position and size, in that order. A global image embedding can tell them from
+  each of kind, position, colour and size, in that order (the questions ask about the first three; colour
+  alone already tells most captions of a batch apart, so kind and position come first for small K). A global image embedding can tell them from
   the true caption only if it knows which shape of which colour sits where, so training against them pushes
   kind, colour and location into the patch features that the VLM later reads."""
   shapes = list(scene.shapes)
@@ -154,7 +155,7 @@ def negative_captions(rng: np.random.Generator, scene: Scene) -> tuple[str, ...]
     options = [c for c in choices if c != getattr(shapes[i], field)]
     other = dataclasses.replace(shapes[i], **{field: options[rng.integers(len(options))]})
     return scene_caption(dataclasses.replace(scene, shapes=tuple(shapes[:i] + [other] + shapes[i + 1:])))
-  return (changed("kind", SHAPES), changed("colour", list(COLOURS)), changed("position", empty),
+  return (changed("kind", SHAPES), changed("position", empty), changed("colour", list(COLOURS)),
           changed("size", SIZES))
 
 

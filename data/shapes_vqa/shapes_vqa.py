@@ -80,8 +80,12 @@ def example_record(seed: int, split: str, index: int, spec: scenes.Example | Non
 
 
 def corpus(spec: scenes.Example) -> list[str]:
-  """The strings of an example the tokenizer is trained on."""
-  return [spec.caption] + [c for _, c in spec.turns]
+  """The strings of an example the tokenizer is trained on: the caption and the conversation as the model
+  reads it (ChatML), so the template's words ('user', 'assistant') get pieces of their own too."""
+  from vlm_jax.inputs import chat  # pylint: disable=import-outside-toplevel
+  from vlm_jax.inputs.tokenizer import IMAGE_TOKEN  # pylint: disable=import-outside-toplevel
+  turns = [{"role": r, "content": c} for r, c in spec.turns]
+  return [spec.caption, chat.render_text(turns, [IMAGE_TOKEN] * len(spec.scenes))]
 
 
 class ShapesVqa(RecordBuilder):

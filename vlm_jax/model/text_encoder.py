@@ -29,8 +29,9 @@ class TextEncoder(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
-    """text_ids int [B, L], text_mask bool [B, L] (L <= max_text_len) -> [B, width] in the compute dtype."""
+  def __call__(self, text_ids: jax.Array, text_mask: jax.Array, pooled: bool = True) -> jax.Array:
+    """text_ids int [B, L], text_mask bool [B, L] (L <= max_text_len) -> [B, width] in the compute dtype
+    ([B, L, width], the final-LayerNorm output per token, with pooled=False)."""
     c = self.config
     length = text_ids.shape[1]
     if length > c.max_text_len:
@@ -46,6 +47,8 @@ class TextEncoder(nn.Module):
                            dtype=self.dtype),
         num_layers=c.depth, scanned=self.scan_layers, remat=self.remat, broadcast_args=1)
     x = LayerNorm(LAYER_NORM_EPS, self.dtype, name="final_norm")(blocks(x, mask))
+    if not pooled:
+      return x
     weights = text_mask.astype(jnp.float32)[..., None]
     pooled = jnp.sum(x.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     return pooled.astype(self.dtype)

@@ -53,9 +53,12 @@ class Contrastive(nn.Module):
   @nn.compact
   def __call__(self, image_features, text_ids, text_mask):
     c = self.config
-    image = MAPHead(self.vision.num_heads or 1, self.vision.mlp_dim, self.dtype, name="image_pool")(image_features)
+    tokens = c.similarity == "token"  # per-patch / per-token embeddings, no pooling
+    image = image_features if tokens else MAPHead(self.vision.num_heads or 1, self.vision.mlp_dim, self.dtype,
+                                                  name="image_pool")(image_features)
     image = dense(c.embed_dim, ("vision_embed", None), name="image_proj", dtype=self.dtype)(image)
-    text = TextEncoder(c, self.vocab_size, self.dtype, self.scan_layers, self.remat, name="text")(text_ids, text_mask)
+    text = TextEncoder(c, self.vocab_size, self.dtype, self.scan_layers, self.remat, name="text")(
+        text_ids, text_mask, pooled=not tokens)
     text = dense(c.embed_dim, ("vision_embed", None), name="text_proj", dtype=self.dtype)(text)
     logit_scale = self.param("logit_scale", logical(nn.initializers.constant(np.log(c.init_temperature)), ()), (),
                              jnp.float32)
@@ -113,7 +116,8 @@ class VLM(nn.Module):
   def contrastive_embeddings(self, pixel_values: jax.Array, text_ids: jax.Array, text_mask: jax.Array):
     """pixel_values [B, H, W, 3] or [B, 1, H, W, 3], text_ids int [B, L], text_mask bool [B, L] ->
     (image_emb f32 [B, E], text_emb f32 [B, E], both L2-normalized; logit_scale = exp(param) [];
-    logit_bias [])."""
+    logit_bias []). With contrastive.similarity="token": image_emb [B, P, E] per patch, text_emb [B, L, E]
+    per token, each vector normalized."""
     if pixel_values.ndim == 5:
       pixel_values = pixel_values[:, 0]
     return self.contrastive(self.vision(pixel_values), text_ids, text_mask)

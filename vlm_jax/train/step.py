@@ -110,13 +110,16 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
       text_mask = jnp.concatenate([text_mask, batch["negative_text_mask"].reshape(b * k, length)])
     image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], text_ids, text_mask,
                                            method=vlm.VLM.contrastive_embeddings, rngs={"dropout": rng})
+    negative_mask = None
     if k:
-      text, negatives = text[:b], text[b:].reshape(b, k, -1)
-    negative_valid = batch.get("negative_valid")
+      text, negatives = text[:b], text[b:].reshape(b, k, *text.shape[1:])
+      negative_mask = batch["negative_text_mask"]
+    masks = dict(negative_valid=batch.get("negative_valid"), text_mask=batch["text_mask"],
+                 negative_mask=negative_mask)
     if model.config.contrastive.loss == "siglip":
-      loss = losses.siglip_loss(image, text, scale, bias, negatives, negative_valid)
+      loss = losses.siglip_loss(image, text, scale, bias, negatives, **masks)
     else:
-      loss = losses.clip_loss(image, text, scale, negatives, negative_valid)
+      loss = losses.clip_loss(image, text, scale, negatives, **masks)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
     return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
   out = model.apply({"params": params}, batch, rngs={"dropout": rng})
