@@ -165,6 +165,15 @@ def test_stop_tokens():
   assert [r.token_ids for r in gen.generate(REQUESTS, max_new_tokens=3)] == [r.token_ids[:3] for r in free]
 
 
+def test_min_new_tokens_bars_stop_tokens():
+  config, params, tok = setup()
+  first = Generator(config, params, tok).generate(REQUESTS[:1], max_new_tokens=8)[0].token_ids
+  eos_first = Generator(config, swap_columns(params, first[0], tok.eos_id), tok)
+  assert eos_first.generate(REQUESTS[:1], max_new_tokens=8)[0].token_ids == []
+  forced = eos_first.generate(REQUESTS[:1], max_new_tokens=8, min_new_tokens=8)[0].token_ids
+  assert len(forced) == 8 and not set(forced) & {tok.eos_id, tok.im_end_id}
+
+
 def test_ids_beyond_the_tokenizer_are_never_generated():
   _, _, tok = setup()
   vocab = tok.vocab_size

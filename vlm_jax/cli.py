@@ -97,6 +97,11 @@ def cmd_aot(args) -> int:
                   seq_len=args.seq_len)
 
 
+def cmd_bench(args) -> int:
+  from vlm_jax import bench  # pylint: disable=import-outside-toplevel
+  return bench.main(_load(args), compare_torch=args.compare_torch, json_out=args.json, quick=args.quick)
+
+
 def _parse_options(items: list[str]) -> list[tuple[str, object]]:
   out = []
   for item in items:
@@ -180,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the stage's)")
   p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.seq_len)")
   p.set_defaults(fn=cmd_aot)
+
+  p = sub.add_parser("bench", help="time the train step and generation against this machine's matmul peak (MFU) "
+                     "and, with --compare-torch, against transformers on the same exported model; print a table")
+  _add_config_args(p)
+  p.add_argument("--compare-torch", action="store_true",
+                 help="also export the model to transformers and time its train step and generate (f32, bf16)")
+  p.add_argument("--json", default=None, metavar="OUT", help="write every number to this JSON file")
+  p.add_argument("--quick", action="store_true", help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 8 new "
+                 "tokens; compile times may be persistent-cache hits")
+  p.set_defaults(fn=cmd_bench)
 
   p = sub.add_parser("config", help="config tools")
   csub = p.add_subparsers(dest="config_command", required=True)

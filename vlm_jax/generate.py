@@ -11,7 +11,8 @@ at least data.max_tiles.
 Rows are left-padded (segment 0) and each row's RoPE positions start at 0 on its first real token, so every
 row's next token sits in the same cache slot. A row is done once it emits eos or `<|im_end|>`; done rows keep
 emitting pad (and are cut at their stop token), and the loop ends when all rows are done or after
-max_new_tokens tokens.
+max_new_tokens tokens. Stop tokens are not drawn before `min_new_tokens` (HF's option of that name), so a
+benchmark can force every row to full length.
 """
 from __future__ import annotations
 
@@ -80,19 +81,23 @@ def _prefill(params, batch: dict[str, jax.Array], *, model: ModelConfig, cache_l
   return logits[:, -1], state["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_ids", "pad_id",
-                                             "vocab_size"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "min_new_tokens", "sampling", "stop_ids",
+                                             "pad_id", "vocab_size"))
 def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, rng: jax.Array, *,
-            model: ModelConfig, max_new_tokens: int, sampling: Sampling, stop_ids: tuple[int, ...],
-            pad_id: int, vocab_size: int) -> jax.Array:
+            model: ModelConfig, max_new_tokens: int, min_new_tokens: int, sampling: Sampling,
+            stop_ids: tuple[int, ...], pad_id: int, vocab_size: int) -> jax.Array:
   """Samples up to max_new_tokens ids per row -> int32 [B, max_new_tokens] (pad after a row's stop token).
-  Only ids below `vocab_size` (the tokenizer's) are drawn: the model's vocab may be padded beyond it."""
+  Only ids below `vocab_size` (the tokenizer's) are drawn: the model's vocab may be padded beyond it; the
+  stop ids are not drawn as tokens 0 .. min_new_tokens - 1."""
   batch = first_logits.shape[0]
   stops = jnp.asarray(stop_ids, jnp.int32)
-  known = jnp.arange(first_logits.shape[-1]) < vocab_size
+  ids = jnp.arange(first_logits.shape[-1])
+  known = ids < vocab_size
+  stop_column = jnp.any(ids[:, None] == stops[None, :], axis=-1)
 
   def next_token(logits, i):
-    return sample(jnp.where(known, logits, -jnp.inf), jax.random.fold_in(rng, i), sampling)
+    allowed = known & ~(stop_column & (i < min_new_tokens))
+    return sample(jnp.where(allowed, logits, -jnp.inf), jax.random.fold_in(rng, i), sampling)
 
   def is_stop(ids):
     return jnp.any(ids[:, None] == stops[None, :], axis=-1)
@@ -166,26 +171,46 @@ class Generator:
     del batch["labels"]
     return batch
 
+  def prepare(self, requests: Sequence[tuple[Sequence[np.ndarray], str]], raw: bool = False) -> dict[str, np.ndarray]:
+    """Requests -> the batch `run` takes: rows rounded up to a power of two with copies of the first request
+    (few shapes compile; `run`'s extra rows are to be dropped), left-padded as in `batch`."""
+    encoded = [self.encode(ims, prompt, raw) for ims, prompt in requests]
+    rows = 1 << (len(encoded) - 1).bit_length()
+    return self.batch(encoded + encoded[:1] * (rows - len(encoded)))
+
+  def run(self, batch: dict[str, np.ndarray], *, max_new_tokens: int = 32, min_new_tokens: int = 0,
+          sampling: Sampling = Sampling(), seed: int = 0) -> np.ndarray:
+    """Prefill + decode of a prepared batch -> ids int32 [B, max_new_tokens], pad after a row's stop token
+    (the stop token itself is kept). No stop token before min_new_tokens."""
+    logits, cache = self.prefill(batch, max_new_tokens)
+    return np.asarray(self.decode(batch, logits, cache, max_new_tokens=max_new_tokens,
+                                  min_new_tokens=min_new_tokens, sampling=sampling, seed=seed))
+
+  def prefill(self, batch: dict[str, np.ndarray], max_new_tokens: int) -> tuple[jax.Array, Any]:
+    """The prompts of a prepared batch -> (last-slot logits f32 [B, V], a cache with room for max_new_tokens)."""
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    return _prefill(self.params, batch, model=self.config.model,
+                    cache_len=batch["input_ids"].shape[1] + max_new_tokens)
+
+  def decode(self, batch: dict[str, np.ndarray], logits: jax.Array, cache: Any, *, max_new_tokens: int,
+             min_new_tokens: int = 0, sampling: Sampling = Sampling(), seed: int = 0) -> jax.Array:
+    """From `prefill`'s outputs: the first token from its logits, then up to max_new_tokens - 1 cached decode
+    steps -> ids int32 [B, max_new_tokens] (on device)."""
+    prompt_lengths = (batch["segment_ids"] > 0).sum(axis=1).astype(np.int32)
+    return _decode(self.params, cache, logits, prompt_lengths, jax.random.key(seed), model=self.config.model,
+                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling,
+                   stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size)
+
   def generate(self, requests: Sequence[tuple[Sequence[np.ndarray], str]], *, max_new_tokens: int = 32,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               raw: bool = False) -> list[Result]:
+               min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int = 0, raw: bool = False) -> list[Result]:
     """Generates for every request (in one batch); returns one Result per request, in order."""
     if not requests:
       return []
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
-    encoded = [self.encode(ims, prompt, raw) for ims, prompt in requests]
-    # Rows are rounded up to a power of two with copies of the first request (dropped below): few shapes.
-    rows = 1 << (len(encoded) - 1).bit_length()
-    batch = self.batch(encoded + encoded[:1] * (rows - len(encoded)))
-    prompt_lengths = (batch["segment_ids"] > 0).sum(axis=1).astype(np.int32)
-    model = self.config.model
-    logits, cache = _prefill(self.params, batch, model=model,
-                             cache_len=batch["input_ids"].shape[1] + max_new_tokens)
-    out = np.asarray(_decode(self.params, cache, logits, prompt_lengths, jax.random.key(seed), model=model,
-                             max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
-                             pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size))
+    out = self.run(self.prepare(requests, raw), max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   sampling=sampling, seed=seed)
     results = []
     for row in out[:len(requests)]:
       stop = np.flatnonzero(np.isin(row, self.stop_ids))

@@ -1,0 +1,70 @@
+"""`vlm-jax bench --quick --compare-torch` on a tiny bench_cpu: the JSON holds the issue's keys, its derived
+numbers follow exactly from the recorded ones, its FLOPs are vlm_jax.flops' count, and the transformers side
+gives finite ratios."""
+import json
+import math
+
+import pytest
+
+from vlm_jax import cli, config, flops
+
+pytestmark = pytest.mark.torch
+
+# bench_cpu shrunk: 32 px tiles, patch 8, pixel shuffle 2 -> 4 <image> tokens; ViT 32 x 1; decoder 64 x 2.
+TINY = ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.depth=1",
+        "model.vision.num_heads=2", "model.vision.mlp_dim=64", "model.decoder.width=64", "model.decoder.num_layers=2",
+        "model.decoder.num_heads=4", "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=128",
+        "model.decoder.vocab_size=512", "data.seq_len=32"]
+REQUIRED = ["peak.f32_gflops", "peak.bf16_gflops", "train.step_s", "train.tokens_per_s", "train.mfu",
+            "train.speedup_vs_torch", "generate.prefill_tokens_per_s", "generate.decode_tokens_per_s",
+            "generate.decode_speedup_vs_torch", "compile.layers_4_s", "compile.layers_24_s"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  assert cli.main(["bench", "--config", "bench_cpu", "--quick", "--compare-torch", "--json", str(out),
+                   "--set", *TINY]) == 0
+  return json.loads(out.read_text())
+
+
+def get(tree, dotted):
+  for key in dotted.split("."):
+    tree = tree[key]
+  return tree
+
+
+def test_required_keys_are_positive_numbers(results):
+  for key in REQUIRED:
+    value = get(results, key)
+    assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_throughput_and_mfu_follow_from_the_recorded_numbers(results):
+  t = results["train"]
+  assert (t["dtype"], t["batch_size"], t["seq_len"], t["num_tiles"]) == ("bfloat16", 8, 32, 1)
+  assert t["mfu"] == t["flops_per_step"] / t["step_s"] / (results["peak"]["bf16_gflops"] * 1e9)
+  assert t["tokens_per_s"] == 8 * 32 / t["step_s"]
+  assert t["images_per_s"] == 8 / t["step_s"]
+  g = results["generate"]
+  assert (g["rows"], g["new_tokens"]) == (8, 8)
+  assert g["decode_tokens_per_s"] == 8 * 7 / g["decode_s"]  # 7 cached steps after the prefill's token
+  assert g["prefill_tokens_per_s"] == g["prompt_tokens"] / g["prefill_s"]
+
+
+def test_flops_are_vlm_jax_flops(results):
+  cfg = config.load("bench_cpu", TINY)
+  assert results["train"]["flops_per_step"] == flops.train_step_flops(cfg, "bench", 8, 32, 1)
+  # ViT frozen (forward only), projector and decoder trained: the count is not the 3x-forward one.
+  assert results["train"]["flops_per_step"] < 3 * flops.forward_flops(cfg, 8, 32, 1)
+
+
+def test_torch_ratios(results):
+  t, g, theirs = results["train"], results["generate"], results["torch"]
+  assert theirs["threads"] >= 1
+  assert t["speedup_vs_torch"] == min(x["step_s"] for x in theirs["train"].values()) / t["step_s"]
+  assert t["by_dtype"]["bfloat16"]["speedup_vs_torch"] == theirs["train"]["bfloat16"]["step_s"] / t["step_s"]
+  best_theirs = max(x["decode_tokens_per_s"] for x in theirs["generate"].values())
+  assert g["decode_speedup_vs_torch"] == g["decode_tokens_per_s"] / best_theirs
+  for x in [*theirs["train"].values(), *theirs["generate"].values()]:
+    assert all(math.isfinite(v) and v > 0 for v in x.values()), x
