@@ -1,20 +1,27 @@
 """The real train step on an MoE VLM over a (data 2, expert 2, tensor 2) mesh equals the same step on one device:
 loss, router aux_loss, gradients (read off an SGD update with learning rate 1) and the MoE metrics; and all of it
-equals a plain reference that sums cross-entropy and weighted router losses over the step's micro-batches."""
+equals a plain reference that sums cross-entropy and weighted router losses over the step's micro-batches.
+A training run logs every MoE metric (metrics.jsonl and TensorBoard)."""
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
 
 from vlm_jax import config as config_lib
 from vlm_jax import losses
 from vlm_jax.config import MeshConfig, StageConfig
+from vlm_jax.inputs.tokenizer import load_tokenizer
 from vlm_jax.model import vlm
 from vlm_jax.sharding import make_mesh
-from vlm_jax.train import step
+from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import run, step
+
+TINY_RUN_CONFIG = str(pathlib.Path(__file__).parent / "tiny_run_config.py")
 
 E = 4
 # Tiny shapes_moe: 2 scanned MoE layers, 2 of 4 experts per token, capacity factor 1 (8 slots per expert and row
@@ -101,13 +108,13 @@ def test_moe_train_step_on_data_expert_tensor_mesh_equals_one_device():
     np.testing.assert_allclose(metrics_1[name], value, atol=1e-5, err_msg=name)
   # 0.1 * load balancing (about k = 2 for a near-uniform router) summed over 2 layers, + z-loss: not negligible.
   assert aux > 0.3
-  for name in ["dropped_fraction", "load_balancing_loss", "z_loss"] + [f"expert_load_{e}" for e in range(E)]:
+  for name in ["moe/dropped_fraction", "moe/load_balancing_loss", "moe/z_loss", "moe/expert_load"]:
     np.testing.assert_allclose(metrics[name], metrics_1[name], atol=1e-6, err_msg=name)
-  load = np.array([metrics[f"expert_load_{e}"] for e in range(E)])
+  load = metrics["moe/expert_load"]
+  assert load.shape == (E,)
   np.testing.assert_allclose(load, ref_load, atol=1e-6)
   np.testing.assert_allclose(load.sum(), 1.0, atol=1e-6)
-  assert 0.0 < metrics["dropped_fraction"] < 0.5
-  assert f"expert_load_{E}" not in metrics
+  assert 0.0 < metrics["moe/dropped_fraction"] < 0.5
 
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   for (path, g), g1, r in zip(flat, jax.tree.leaves(grads_1), jax.tree.leaves(ref_grads)):
@@ -124,3 +131,65 @@ def test_micro_batches_split_over_the_expert_axis_too():
   with pytest.raises(ValueError, match=r"2 rows per micro-batch do not split over the 4 \('data', 'fsdp', 'expert'\)"):
     step.check_batch_split(dataclasses.replace(STAGE, grad_accum=4), mesh)
   step.check_batch_split(STAGE, mesh)  # 4 rows over 4 batch shards
+
+
+def tensorboard_events(directory):
+  """Every Event proto in the TFRecord event files of `directory` (length, crc, data, crc per record)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  events = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  return events
+
+
+def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # noqa: F811
+  """4 steps of a tiny MoE VLM through run_stage, logged every 2: each record holds the mean of its 2 steps'
+  metrics as the step returned them, expert loads as moe/expert_load/0..E-1 (summing to 1), and TensorBoard gets
+  the same scalars plus a per-expert histogram."""
+  cfg = config_lib.load(TINY_RUN_CONFIG, [
+      f"data.data_dir={shapes_data_dir}", "mesh.expert=2", f"model.decoder.moe.num_experts={E}",
+      "model.decoder.moe.expert_mlp_dim=32", "model.decoder.moe.capacity_factor=1.0",
+      "model.decoder.moe.router_aux_loss_coef=0.1", "model.decoder.moe.router_z_loss_coef=0.01",
+      "train.stages.instruct.log_every=2", "train.stages.instruct.checkpoint_every=100"])
+  stage = cfg.train.stage("instruct")
+  returned, make_train_step = [], step.make_train_step
+
+  def recording_step(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def wrapped(state, batch):
+      state, metrics = train_step(state, batch)
+      returned.append(jax.device_get(metrics))
+      return state, metrics
+    return wrapped
+  monkeypatch.setattr(step, "make_train_step", recording_step)
+  mesh = make_mesh(cfg.mesh)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1}
+  assert run.run_stage(cfg, stage, str(tmp_path), mesh, load_tokenizer(cfg), previous=None)
+
+  records = metrics_lib.read_metrics(tmp_path, "instruct")
+  assert len(returned) == 4 and [r["step"] for r in records] == [2, 4]
+  moe_keys = {"moe/dropped_fraction", "moe/load_balancing_loss", "moe/z_loss"}
+  assert set(records[0]) == ({"step", "loss", "aux_loss", "grad_norm", "lr", "num_tokens", "tokens_per_s",
+                              "step_time_s"} | moe_keys | {f"moe/expert_load/{e}" for e in range(E)})
+  for record, steps in zip(records, (returned[:2], returned[2:])):
+    for key in ["loss", "aux_loss", "num_tokens"] + sorted(moe_keys):
+      np.testing.assert_allclose(record[key], np.mean([m[key] for m in steps]), rtol=1e-6, err_msg=key)
+    assert record["lr"] == float(steps[-1]["lr"])
+    load = np.array([record[f"moe/expert_load/{e}"] for e in range(E)])
+    np.testing.assert_allclose(load, np.mean([m["moe/expert_load"] for m in steps], 0), rtol=1e-6)
+    np.testing.assert_allclose(load.sum(), 1.0, atol=1e-6)  # shares of the k * tokens assignments
+    assert record["aux_loss"] > 0.1 and 0.0 <= record["moe/dropped_fraction"] < 0.5
+
+  events = tensorboard_events(tmp_path / "tensorboard" / "instruct")
+  scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}
+  histograms = {(e.step, v.tag): v.histo for e in events for v in e.summary.value if v.HasField("histo")}
+  assert scalars[(4, "train/aux_loss")] == pytest.approx(records[1]["aux_loss"], rel=1e-6)
+  assert scalars[(4, "moe/expert_load/3")] == pytest.approx(records[1]["moe/expert_load/3"], rel=1e-6)
+  histogram = histograms[(4, "moe/expert_load")]
+  assert list(histogram.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+  np.testing.assert_allclose(histogram.bucket, [records[1][f"moe/expert_load/{e}"] for e in range(E)], rtol=1e-6)

@@ -1,11 +1,12 @@
-"""Training metrics: one JSON object per logged step in W/<stage>/metrics.jsonl, plus TensorBoard scalars in
-W/tensorboard/<stage>/. Only process 0 writes; on other processes the writer does nothing."""
+"""Training metrics: one JSON object per logged step in W/<stage>/metrics.jsonl, plus TensorBoard scalars (and
+histograms of vector metrics) in W/tensorboard/<stage>/. Only process 0 writes; elsewhere the writer does nothing."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 
@@ -19,6 +20,11 @@ def read_metrics(workdir: str | epath.PathLike, stage_name: str) -> list[dict[st
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tensorboard_tag(name: str) -> str:
+  """'loss' -> 'train/loss'; grouped names ('moe/expert_load/0', 'eval/accuracy/colour') stay as they are."""
+  return name if "/" in name else f"train/{name}"
 
 
 class MetricsWriter:
@@ -40,14 +46,28 @@ class MetricsWriter:
     kept = [r for r in read_metrics(self.path.parent.parent, self.path.parent.name) if r["step"] <= step]
     self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-  def write(self, step: int, values: dict[str, float]) -> None:
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    """values: name -> a scalar, or a vector [N] (moe/expert_load [E]) logged as the scalars name/0 .. name/N-1
+    and, in TensorBoard, also as a histogram over the indices (bucket i holds value i: one bar per expert).
+    TensorBoard tags: `train/<name>` for plain names, the name itself when it has a group (`moe/z_loss`)."""
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    scalars = {}
     for name, value in values.items():
-      self._tensorboard.add_scalar(f"train/{name}", float(value), int(step))
+      value = np.asarray(value, np.float64)
+      if value.ndim == 0:
+        scalars[name] = float(value)
+        continue
+      scalars.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+      index = np.arange(value.size)
+      self._tensorboard.add_histogram_raw(
+          tensorboard_tag(name), min=0, max=value.size - 1, num=float(value.sum()), sum=float(index @ value),
+          sum_squares=float(index ** 2 @ value), bucket_limits=(index + 0.5).tolist(), bucket_counts=value.tolist(),
+          global_step=int(step))
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(tensorboard_tag(name), value, int(step))
 
   def close(self) -> None:
     if self._tensorboard is not None:

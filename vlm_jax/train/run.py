@@ -136,9 +136,9 @@ def _batch_tokens(batch: dict[str, np.ndarray]) -> int:
   return int(np.size(batch["input_ids"] if "input_ids" in batch else batch["text_ids"]))
 
 
-def _summarize(steps: list[dict[str, np.ndarray]], tokens: int, seconds: float) -> dict[str, float]:
-  """Metrics of the steps since the last log: mean loss / aux_loss / grad_norm / num_tokens, the last lr, throughput."""
-  mean = lambda k: float(np.mean([m[k] for m in steps]))
-  return {"loss": mean("loss"), "aux_loss": mean("aux_loss"), "grad_norm": mean("grad_norm"),
-          "lr": float(steps[-1]["lr"]),
-          "num_tokens": mean("num_tokens"), "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(steps)}
+def _summarize(steps: list[dict[str, np.ndarray]], tokens: int, seconds: float) -> dict[str, float | np.ndarray]:
+  """Metrics of the steps since the last log: the mean of every step metric (element-wise for vectors such as
+  moe/expert_load [E]), but the last lr; throughput (tokens_per_s, step_time_s)."""
+  values = {k: np.mean([np.asarray(m[k], np.float64) for m in steps], axis=0) for k in steps[0]}
+  values["lr"] = np.asarray(steps[-1]["lr"])
+  return {**values, "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(steps)}

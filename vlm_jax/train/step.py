@@ -193,28 +193,17 @@ def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: 
   return (*sums, jax.tree.map(lambda x: x / stage.grad_accum, moe_sums))
 
 
-def moe_step_metrics(moe_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The model's MoE metrics as scalars for the metrics log: expert_load [E] -> expert_load_0 .. expert_load_{E-1}
-  (each expert's share of the routed assignments), the rest (dropped_fraction, load_balancing_loss, z_loss) as is."""
-  out = {}
-  for name, value in moe_metrics.items():
-    if name == "expert_load":
-      out.update({f"expert_load_{e}": value[e] for e in range(value.shape[0])})
-    else:
-      out[name] = value
-  return out
-
-
 def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.GradientTransformation,
                     abstract: State) -> Callable[[State, dict], tuple[State, dict]]:
   """A jitted `(state, batch) -> (state, metrics)`; the input state is donated. Call it inside use_mesh(mesh).
 
   batch: the global batch (DESIGN.md contract, or the contrastive keys), leading axis sharded over the batch axes
   of `data_sharding` (data, fsdp, expert).
-  metrics (replicated f32 scalars): loss (mean over supervised tokens), aux_loss (MoE router losses, 0.0 dense),
+  metrics (replicated f32): loss (mean over supervised tokens), aux_loss (MoE router losses, 0.0 dense),
   grad_norm (trainable grads, before clipping), lr (of this update), num_tokens (supervised tokens; image-text
-  pairs for contrastive); an MoE model adds `moe_step_metrics` (expert_load_0 .. expert_load_{E-1},
-  dropped_fraction, load_balancing_loss, z_loss; means over the micro-batches).
+  pairs for contrastive), all []; an MoE model adds the model's routing metrics under `moe/`: moe/expert_load [E]
+  (each expert's share of the routed assignments, sums to 1), moe/dropped_fraction, moe/load_balancing_loss,
+  moe/z_loss [] (means over the micro-batches).
   Only trainable params are differentiated; frozen params come out bit-identical.
   """
   check_batch_split(stage, mesh)
@@ -236,7 +225,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
                               labels, new_params, state["params"])
     metrics = {"loss": loss_sum / denominator, "aux_loss": aux_sum / denominator, "grad_norm": optax.global_norm(grads),
                "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight,
-               **moe_step_metrics(moe_metrics)}
+               **{f"moe/{name}": value for name, value in moe_metrics.items()}}
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 
