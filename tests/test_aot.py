@@ -124,3 +124,32 @@ def test_llava15_7b_instruct_fits_v5p_2x2x2_with_fsdp():
   unsharded, _ = state_bytes(cfg, "instruct")
   assert unsharded > 80e9 and train["argument"] < 11 * 1024 ** 3
   assert train["total"] < 95 * 1024 ** 3
+
+
+@pytest.mark.slow
+def test_shapes_moe_experts_shard_over_the_expert_axis_on_v5e_2x4():
+  """The MoE demo model on 8 v5e chips as data 4 x expert 2: the compiled step takes each expert weight (and its
+  Adam moments) split over `expert` along the expert dim (2 of 4 experts per device); the state is otherwise
+  replicated, so per device it is the replicated state less half the expert bytes."""
+  cfg = config.load("shapes_moe", ["mesh.expert=2"])
+  r = aot.aot_report(cfg, "v5e:2x4", "instruct", prefill=False)
+  assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1} and r["batch_size"] == 32
+  (state, _), _ = r["programs"]["train_step"]["compiled"].input_shardings
+  shapes, _ = vlm_lib.abstract_params(cfg.model)
+  experts = shapes["decoder"]["layers"]["moe"]["experts"]
+  assert experts["gate_up"].shape == (3, 4, 192, 2, 256) and experts["down"].shape == (3, 4, 256, 192)
+  # The params and Adam's mu and nu of each expert weight: [layers, experts, ...] with experts over `expert`.
+  shardings = [(path, s) for path, s in jax.tree_util.tree_flatten_with_path(state)[0]
+               if "['experts']" in jax.tree_util.keystr(path)]
+  assert len(shardings) == 6
+  for path, sharding in shardings:
+    x = experts[path[-1].key]
+    assert sharding.spec[1] == "expert", jax.tree_util.keystr(path)
+    assert sharding.shard_shape(x.shape) == (3, 2, *x.shape[2:]), jax.tree_util.keystr(path)
+  expert_bytes = sum(math.prod(x.shape) for x in experts.values()) * 12  # f32 params + Adam mu, nu (trainable)
+  state_total, _ = state_bytes(cfg, "instruct")
+  expected = state_total - expert_bytes / 2 + batch_bytes(cfg, 32, cfg.data.seq_len) / 8 + 4 + 8
+  train = r["programs"]["train_step"]["memory"]
+  assert expected <= train["argument"] <= 1.12 * expected
+  assert train["argument"] < (state_total - expert_bytes / 4)  # not the replicated state
+  assert train["total"] < 16 * 1024 ** 3

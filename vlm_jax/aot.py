@@ -84,8 +84,9 @@ def memory_stats(compiled: Any) -> dict[str, int]:
 
 
 def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
-  """Lowers and compiles fn(*args) -> {"memory": memory_stats, "error": None, "compile_seconds"}, or
-  memory None and the error message when XLA finds it does not fit in HBM."""
+  """Lowers and compiles fn(*args) -> {"memory": memory_stats, "error": None, "compile_seconds", "compiled"
+  (the executable: its input_shardings, as_text())}, or memory and compiled None and the error message when
+  XLA finds it does not fit in HBM."""
   start = time.perf_counter()
   # The persistent compilation cache cannot load executables compiled for a topology (no TPU client), so
   # writing them there only wastes disk and warns on the next run.
@@ -96,10 +97,12 @@ def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return {"memory": None, "error": str(e).splitlines()[0], "compile_seconds": time.perf_counter() - start}
+    return {"memory": None, "error": str(e).splitlines()[0], "compile_seconds": time.perf_counter() - start,
+            "compiled": None}
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_enabled)
-  return {"memory": memory_stats(compiled), "error": None, "compile_seconds": time.perf_counter() - start}
+  return {"memory": memory_stats(compiled), "error": None, "compile_seconds": time.perf_counter() - start,
+          "compiled": compiled}
 
 
 def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num_tiles: int,
