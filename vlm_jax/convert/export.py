@@ -9,7 +9,9 @@ An MoE decoder exports as LLaVA with a Mixtral text model (limits in vlm_jax/con
 
 Our sentencepiece tokenizers become a tokenizer.json with identical ids (`sentencepiece_to_tokenizers`). One
 difference is inherent to HF: the text "</s>" (or "<s>", "<pad>", "<unk>") typed in a prompt becomes the special
-token there, while sentencepiece spells it out in bytes.
+token there, while sentencepiece spells it out in bytes. Unigram models (not BPE) also differ where the text spells
+a byte piece ('<0x41>': HF's Unigram matches it whole) and, rarely, on runs of spaces whose segmentations score
+equal ('▁▁▁▁'+'▁' or '▁'+'▁▁▁▁': the two Viterbi searches break ties differently).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def hf_state_dict(params: Any, cfg: ModelConfig, dtype: str = "float32") -> dict
 
 
 def sentencepiece_to_tokenizers(proto: bytes) -> Any:
-  """A sentencepiece unigram model trained the vlm_jax way (identity normalization, no dummy prefix, byte
+  """A sentencepiece unigram or BPE model trained the vlm_jax way (identity normalization, no dummy prefix, byte
   fallback; see inputs/tokenizer.py) -> a `tokenizers.Tokenizer` giving the same ids."""
   import tokenizers
   from sentencepiece import sentencepiece_model_pb2
@@ -67,22 +69,48 @@ def sentencepiece_to_tokenizers(proto: bytes) -> Any:
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   spec, norm = m.trainer_spec, m.normalizer_spec
-  if spec.model_type != spec.UNIGRAM or norm.add_dummy_prefix or norm.name != "identity" or \
+  if spec.model_type not in (spec.UNIGRAM, spec.BPE) or norm.add_dummy_prefix or norm.name != "identity" or \
      spec.treat_whitespace_as_suffix or spec.split_digits:
     raise hf_config.ConversionError(
-        "Only sentencepiece unigram models with identity normalization, no dummy prefix and no digit splitting "
-        "(vlm_jax.inputs.tokenizer.train_sentencepiece) convert exactly; save this tokenizer as tokenizer.json.")
-  tk = tokenizers.Tokenizer(models.Unigram([(p.piece, p.score) for p in m.pieces], unk_id=spec.unk_id,
-                                           byte_fallback=spec.byte_fallback))
+        "Only sentencepiece unigram or BPE models with identity normalization, no dummy prefix and no digit "
+        "splitting (vlm_jax.inputs.tokenizer.train_sentencepiece) convert exactly; save this tokenizer as "
+        "tokenizer.json.")
+  if spec.model_type == spec.UNIGRAM:
+    model = models.Unigram([(p.piece, p.score) for p in m.pieces], unk_id=spec.unk_id,
+                           byte_fallback=spec.byte_fallback)
+  else:
+    vocab, merges = sentencepiece_bpe_merges(m)
+    # sentencepiece fuses a run of unknown characters into one <unk> (only seen without byte fallback).
+    model = models.BPE(vocab, merges, unk_token=m.pieces[spec.unk_id].piece, fuse_unk=True,
+                       byte_fallback=spec.byte_fallback)
+  tk = tokenizers.Tokenizer(model)
   tk.normalizer = normalizers.Replace(" ", "▁")
-  # sentencepiece cuts text before each whitespace (split_by_whitespace) and never merges across the cut.
-  tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
-                                              split=spec.split_by_whitespace)
+  # No pre-splitting: sentencepiece encodes the whole text (between user-defined symbols) at once, and with
+  # allow_whitespace_only_pieces it has pieces such as '▁▁' that a split before each '▁' would cut.
+  tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
   tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
   user_defined = m.SentencePiece.Type.USER_DEFINED
   tk.add_special_tokens([tokenizers.AddedToken(p.piece, special=True, normalized=False)
                          for p in m.pieces if p.type == user_defined])
   return tk
+
+
+def sentencepiece_bpe_merges(m: Any) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """A sentencepiece BPE ModelProto -> (vocab {piece: id}, merges in rank order) for `tokenizers.models.BPE`.
+
+  sentencepiece BPE merges the adjacent pair of highest score whose concatenation is any piece but <unk>, by
+  any split of that piece (not only the one training found). HF BPE merges the pair of lowest rank. So every
+  split of every piece into two pieces is a merge, ranked by the piece's score (highest first; ties by id).
+  Both break ties of one pair leftmost first. (The splits of one piece tie in sentencepiece but get consecutive
+  ranks here; 160k random strings over 'ab'/'abc' alphabets with ~270 multi-split pieces showed no difference.)
+  """
+  vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+  merges = []
+  for i in sorted(range(len(m.pieces)), key=lambda j: (-m.pieces[j].score, j)):
+    piece = m.pieces[i].piece
+    if i != m.trainer_spec.unk_id:
+      merges += [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+  return vocab, merges
 
 
 def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") -> Any:

@@ -1,6 +1,6 @@
 """One `Tokenizer` over a sentencepiece model (`tokenizer.model`) or an HF `tokenizer.json`.
 
-Our own tokenizers are sentencepiece models trained in-process by `train_sentencepiece`: identity
+Our own tokenizers are sentencepiece models (unigram or BPE) trained in-process by `train_sentencepiece`: identity
 normalization, no dummy prefix, no whitespace folding and byte fallback, so `decode(encode(t)) == t` holds
 for chat text with newlines. Ids: pad=0, unk=1, bos=2, eos=3, then `SPECIAL_TOKENS` in order (`<image>`=4).
 Imported HF tokenizers keep their own ids; `add_special_tokens` appends the ones they lack.
@@ -37,16 +37,26 @@ SENTENCEPIECE_ROLES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 
 
-def train_sentencepiece(texts, vocab_size: int, path: str | os.PathLike | None = None) -> "Tokenizer":
-  """Trains a unigram sentencepiece model on an iterable of strings; writes it to `path` if given.
+MODEL_TYPES = ("unigram", "bpe")
 
+
+def train_sentencepiece(texts, vocab_size: int, path: str | os.PathLike | None = None,
+                        model_type: str = "unigram") -> "Tokenizer":
+  """Trains a sentencepiece model on an iterable of strings; writes it to `path` if given.
+
+  `model_type`: "unigram" or "bpe" (the kind Llama's tokenizer.model is). On small, repetitive corpora bpe
+  spends the vocabulary on whole words (' large', 'user') where unigram keeps many single characters, so bpe
+  gives shorter sequences. Both export to an HF tokenizer.json with the same ids
+  (vlm_jax.convert.export.sentencepiece_to_tokenizers).
   The vocabulary may come out smaller than `vocab_size` on a small corpus (hard_vocab_limit=False);
   read `tokenizer.vocab_size`.
   """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type={model_type!r}: train_sentencepiece supports {' or '.join(MODEL_TYPES)}.")
   import sentencepiece as spm
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
       # Chat text must survive: keep newlines, runs of spaces and the exact characters.
       normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
       byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, allow_whitespace_only_pieces=True,
