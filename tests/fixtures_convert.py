@@ -1,5 +1,6 @@
 """Shared pieces of the HF conversion tests: a sentencepiece tokenizer, random-HF-model perturbation, a tiny random
-LLaVA, our model's logits + greedy decoding, and HF's.
+LLaVA, the demo question as a prompt, our model's logits + greedy decoding and HF's, and the two parity checks
+(logits + greedy tokens; an exported directory's processor + generate against our pipeline).
 
 Import the fixture into a test module (`from fixtures_convert import tokenizer_dir`).
 """
@@ -8,15 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, SiglipVisionConfig)
 
-from vlm_jax.inputs.tokenizer import train_sentencepiece
+from vlm_jax.config import Config, DataConfig
+from vlm_jax.convert import export
+from vlm_jax.generate import Generator
+from vlm_jax.inputs import chat, images
+from vlm_jax.inputs.tokenizer import Tokenizer, train_sentencepiece
 from vlm_jax.model import vlm
 
 CORPUS = ["What colour is the circle? It is red.\nHow many shapes are there? There are 3 shapes.",
           "Is there a square on the left?  No, a triangle and a blue circle.\n"] * 40
 GENERATE_STEPS = 20
 IMAGE_TOKEN_ID = 4  # our sentencepiece tokenizer's `<image>`
+TURNS = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +32,14 @@ def tokenizer_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("sp_tokenizer")
   train_sentencepiece(CORPUS, 400).save(path)
   return path
+
+
+def save_with_tokenizer(model, tokenizer_dir, hf_dir):
+  """Saves a HF model and our tokenizer (as tokenizer.json) into hf_dir, as a hub checkpoint holds them.
+  -> (model, hf_dir)."""
+  model.save_pretrained(hf_dir)
+  export.hf_tokenizer(tokenizer_dir).save_pretrained(hf_dir)
+  return model, hf_dir
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -101,3 +116,60 @@ def assert_same_state_dicts(a: dict, b: dict) -> None:
   assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
   different = [k for k in a if not torch.equal(a[k], b[k])]
   assert not different, different
+
+
+def prompt_and_pixels(cfg, tok, seed=0):
+  """TURNS as ChatML prompt ids with one tile's `<image>` run (LLaVA), and pixel values NCHW [1, 3, H, W]."""
+  ids, _ = chat.render(TURNS, [images.image_prompt(0, 0, cfg.image_tokens_per_tile, False)], tok,
+                       generation_prompt=True)
+  size = cfg.vision.image_size
+  return ids, np.random.default_rng(seed).normal(size=(1, 3, size, size)).astype(np.float32)
+
+
+def assert_logits_and_greedy_match_hf(model, cfg, params, prompt_ids, pixel_values, name: str) -> None:
+  """HF's `model` and ours on one prompt: prompt logits within 1e-4 (float32, and not near zero) and the same
+  GENERATE_STEPS greedy tokens. pixel_values as HF takes them: NCHW [1, 3, H, W] (one tile) or [1, N, 3, H, W]."""
+  hf_logits, hf_tokens = hf_logits_and_greedy(model, prompt_ids, pixel_values)
+  tiles = np.moveaxis(pixel_values, -3, -1)
+  logits, tokens = ours_greedy(cfg, params, prompt_ids, tiles if tiles.ndim == 5 else tiles[:, None])
+  diff = np.abs(logits - hf_logits).max()
+  print(f"{name} max|diff|={diff:.2e}")
+  assert diff <= 1e-4, diff
+  assert np.abs(hf_logits).max() > 0.1  # the comparison is not between near-zero logits
+  np.testing.assert_array_equal(tokens, hf_tokens)
+
+
+def assert_export_generates_like_ours(out, cfg, params, tokenizer_dir, data: DataConfig):
+  """An exported directory loaded offline (AutoProcessor, AutoModelForImageTextToText) against our pipeline on a
+  45x70 image and TURNS: the same chat text and ids, the same pixels (HF NCHW, ours NHWC), HF's greedy tokens
+  equal ours up to HF's stop token, and vlm_jax.generate returns them too. -> (HF processor, our processed image)."""
+  processor = AutoProcessor.from_pretrained(out)
+  model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+  messages = [{"role": "user",
+               "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
+  text = processor.apply_chat_template(messages, add_generation_prompt=True)
+  assert text == chat.render_text(TURNS, ["<image>"], generation_prompt=True)
+  inputs = processor(images=[image], text=[text], return_tensors="pt")
+  # Our pipeline on the same image and turns.
+  tok = Tokenizer.load(tokenizer_dir)
+  processed = images.process_image(image, Config(model=cfg, data=data))
+  ids, _ = chat.render(TURNS, [processed.prompt], tok, generation_prompt=True)
+  np.testing.assert_array_equal(inputs["input_ids"][0].numpy(), ids)
+  hf_tiles = np.moveaxis(inputs["pixel_values"][0].numpy(), -3, -1)
+  np.testing.assert_allclose(hf_tiles.reshape(processed.tiles.shape), processed.tiles, atol=1e-5)
+  _, ours = ours_greedy(cfg, params, ids, processed.tiles[None])
+  with torch.no_grad():
+    generated = model.generate(**inputs, max_new_tokens=len(ours), do_sample=False, min_new_tokens=0)
+  generated = generated[0, len(ids):].numpy()
+  # HF stops at <|im_end|> / eos (generation_config.json); ours ran the full length.
+  assert len(generated) >= 1
+  np.testing.assert_array_equal(generated, ours[:len(generated)])
+  stops = {tok.im_end_id, tok.eos_id}
+  assert len(generated) == len(ours) or generated[-1] in stops
+  # vlm_jax.generate (KV cache, stops at the same ids, drops the stop token) from the raw image and prompt.
+  result = Generator(Config(model=cfg, data=data), params, tok).generate(
+      [([image], TURNS[0]["content"])], max_new_tokens=len(ours))[0]
+  assert result.token_ids == (generated[:-1] if generated[-1] in stops else generated).tolist()
+  return processor, processed

@@ -6,19 +6,17 @@ model generate."""
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForImageTextToText, AutoProcessor, Idefics3Config,
-                          Idefics3ForConditionalGeneration, LlamaConfig)
+from transformers import AutoModelForImageTextToText, Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
 
-from fixtures_convert import (assert_same_state_dicts, hf_logits_and_greedy, ours_greedy, randomize,
+from fixtures_convert import (TURNS, assert_export_generates_like_ours, assert_logits_and_greedy_match_hf,
+                              assert_same_state_dicts, randomize, save_with_tokenizer,
                               tokenizer_dir)  # noqa: F401  (fixture)
-from vlm_jax.config import Config, DataConfig
+from vlm_jax.config import DataConfig
 from vlm_jax.convert import export, load
-from vlm_jax.generate import Generator
 from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import Tokenizer
 
 IMAGE_TOKEN_ID = 4
-TURNS = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
 DATA = DataConfig(image_splitting=True, max_image_size=64, resample="lanczos")  # 45x70 -> 2x2 grid of 32 px
 
 
@@ -38,10 +36,7 @@ def build_idefics3(vocab_size: int) -> Idefics3ForConditionalGeneration:
 @pytest.fixture(scope="module")
 def hf_idefics3(tokenizer_dir, tmp_path_factory):
   model = build_idefics3(Tokenizer.load(tokenizer_dir).vocab_size)
-  hf_dir = tmp_path_factory.mktemp("hf_idefics3")
-  model.save_pretrained(hf_dir)
-  export.hf_tokenizer(tokenizer_dir).save_pretrained(hf_dir)
-  return model, hf_dir
+  return save_with_tokenizer(model, tokenizer_dir, tmp_path_factory.mktemp("hf_idefics3"))
 
 
 def test_idefics3_logits_and_greedy_match_hf(hf_idefics3):
@@ -54,13 +49,7 @@ def test_idefics3_logits_and_greedy_match_hf(hf_idefics3):
                        generation_prompt=True)
   assert (ids == IMAGE_TOKEN_ID).sum() == 5 * 4  # 2x2 grid + global tile
   pixels = np.random.default_rng(0).normal(size=(1, 5, 3, 32, 32)).astype(np.float32)
-  hf_logits, hf_tokens = hf_logits_and_greedy(model, ids, pixels)
-  logits, tokens = ours_greedy(cfg, params, ids, pixels.transpose(0, 1, 3, 4, 2))
-  diff = np.abs(logits - hf_logits).max()
-  print(f"idefics3 max|diff|={diff:.2e}")
-  assert diff <= 1e-4, diff
-  assert np.abs(hf_logits).max() > 0.1
-  np.testing.assert_array_equal(tokens, hf_tokens)
+  assert_logits_and_greedy_match_hf(model, cfg, params, ids, pixels, "idefics3")
 
 
 @pytest.fixture(scope="module")
@@ -84,30 +73,5 @@ def test_idefics3_hf_roundtrip_is_bit_identical(exported):
 def test_idefics3_export_processor_generates_like_ours(exported, tokenizer_dir, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   _, cfg, params, out = exported
-  processor = AutoProcessor.from_pretrained(out)
-  model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
-  assert not info["missing_keys"] and not info["unexpected_keys"], info
-  image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
-  messages = [{"role": "user",
-               "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the circle?"}]}]
-  text = processor.apply_chat_template(messages, add_generation_prompt=True)
-  assert text == chat.render_text(TURNS, ["<image>"], generation_prompt=True)
-  inputs = processor(images=[image], text=[text], return_tensors="pt")
-  tok = Tokenizer.load(tokenizer_dir)
-  processed = images.process_image(image, Config(model=cfg, data=DATA))
+  _, processed = assert_export_generates_like_ours(out, cfg, params, tokenizer_dir, DATA)
   assert (processed.rows, processed.cols) == (2, 2)
-  ids, _ = chat.render(TURNS, [processed.prompt], tok, generation_prompt=True)
-  np.testing.assert_array_equal(inputs["input_ids"][0].numpy(), ids)
-  np.testing.assert_allclose(inputs["pixel_values"][0].numpy().transpose(0, 2, 3, 1), processed.tiles, atol=1e-5)
-  _, ours = ours_greedy(cfg, params, ids, processed.tiles[None])
-  with torch.no_grad():
-    generated = model.generate(**inputs, max_new_tokens=len(ours), do_sample=False)[0, len(ids):].numpy()
-  # HF stops at <|im_end|> / eos (generation_config.json); ours ran the full length.
-  assert len(generated) >= 1
-  np.testing.assert_array_equal(generated, ours[:len(generated)])
-  stops = {tok.im_end_id, tok.eos_id}
-  assert len(generated) == len(ours) or generated[-1] in stops
-  # vlm_jax.generate (KV cache, stops at the same ids, drops the stop token) from the raw image and prompt.
-  result = Generator(Config(model=cfg, data=DATA), params, tok).generate(
-      [([image], TURNS[0]["content"])], max_new_tokens=len(ours))[0]
-  assert result.token_ids == (generated[:-1] if generated[-1] in stops else generated).tolist()

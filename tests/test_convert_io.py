@@ -9,11 +9,10 @@ import random
 import jax
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers
+from fixtures_tokenizer import bpe_tokenizer
 from safetensors.torch import load_file, save_file
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fixtures_convert import CORPUS, build_llava, randomize, tokenizer_dir  # noqa: F401  (fixture)
 from vlm_jax import checkpoint
@@ -57,13 +56,7 @@ def test_chat_template_renders_our_chatml(tokenizer_dir):
 
 
 def test_hf_json_tokenizer_exports_unchanged(tmp_path):
-  tk = tokenizers.Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tk.decoder = decoders.ByteLevel()
-  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
-  ours = Tokenizer(hf_json=tk.to_str(), roles={"eos": "<|endoftext|>"})
+  ours = Tokenizer(hf_json=bpe_tokenizer(CORPUS).to_str(), roles={"eos": "<|endoftext|>"})
   ours.add_special_tokens()
   ours.save(tmp_path)
   fast = export.hf_tokenizer(tmp_path)
@@ -180,11 +173,7 @@ def test_vision_backbones_match_hf(tmp_path):
 
 
 def test_llama_backbone_gets_special_tokens_and_matches_hf(tmp_path):
-  tk = tokenizers.Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                     show_progress=False))
+  tk = bpe_tokenizer(CORPUS)
   vocab = tk.get_vocab_size()
   transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>").save_pretrained(tmp_path)
   torch.manual_seed(0)

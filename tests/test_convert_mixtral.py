@@ -12,16 +12,14 @@ from safetensors import safe_open
 from transformers import (AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig,
                           SiglipVisionConfig)
 
-from fixtures_convert import (IMAGE_TOKEN_ID, assert_same_state_dicts, hf_logits_and_greedy, ours_greedy, randomize,
-                              tokenizer_dir)  # noqa: F401  (fixture)
+from fixtures_convert import (IMAGE_TOKEN_ID, assert_logits_and_greedy_match_hf, assert_same_state_dicts,
+                              prompt_and_pixels, randomize, save_with_tokenizer, tokenizer_dir)  # noqa: F401  (fixture)
 from vlm_jax import config as config_lib
 from vlm_jax.convert import export, hf_config, hf_names, load
-from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import Tokenizer
 from vlm_jax.model import vlm
 
 E, K = 4, 2
-TURNS = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}]
 
 
 def build_llava_mixtral(vocab_size: int) -> LlavaForConditionalGeneration:
@@ -48,17 +46,7 @@ def build_llava_mixtral(vocab_size: int) -> LlavaForConditionalGeneration:
 def hf_mixtral(tokenizer_dir, tmp_path_factory):
   """(HF model, its saved directory with our tokenizer as tokenizer.json)."""
   model = build_llava_mixtral(Tokenizer.load(tokenizer_dir).vocab_size + 3)
-  hf_dir = tmp_path_factory.mktemp("hf_llava_mixtral")
-  model.save_pretrained(hf_dir)
-  export.hf_tokenizer(tokenizer_dir).save_pretrained(hf_dir)
-  return model, hf_dir
-
-
-def prompt_and_pixels(cfg, tok):
-  ids, _ = chat.render(TURNS, [images.image_prompt(0, 0, cfg.image_tokens_per_tile, False)], tok,
-                       generation_prompt=True)
-  size = cfg.vision.image_size
-  return ids, np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+  return save_with_tokenizer(model, tokenizer_dir, tmp_path_factory.mktemp("hf_llava_mixtral"))
 
 
 def test_saved_checkpoint_has_per_expert_tensors(hf_mixtral):
@@ -91,13 +79,7 @@ def test_mixtral_logits_and_greedy_match_hf(hf_mixtral, scan_layers):
   np.testing.assert_array_equal(ours[:, 1], hf_gate_up[48:].T)
 
   ids, pixels = prompt_and_pixels(cfg, tok)
-  hf_logits, hf_tokens = hf_logits_and_greedy(model, ids, pixels)
-  logits, tokens = ours_greedy(cfg, params, ids, pixels.transpose(0, 2, 3, 1)[:, None])
-  diff = np.abs(logits - hf_logits).max()
-  print(f"mixtral scan={scan_layers} max|diff|={diff:.2e}")
-  assert diff <= 1e-4, diff
-  assert np.abs(hf_logits).max() > 0.1
-  np.testing.assert_array_equal(tokens, hf_tokens)
+  assert_logits_and_greedy_match_hf(model, cfg, params, ids, pixels, f"mixtral scan={scan_layers}")
   # Every expert takes a real share of the prompt's tokens: the parity covers all four experts' weights.
   batch = {"input_ids": np.asarray(ids)[None], "segment_ids": np.ones((1, len(ids)), np.int32),
            "positions": np.arange(len(ids), dtype=np.int32)[None], "pixel_values": pixels.transpose(0, 2, 3, 1)[:, None],
@@ -138,11 +120,7 @@ def test_our_moe_model_exports_and_matches_hf(tokenizer_dir, tmp_path):
   model = AutoModelForImageTextToText.from_pretrained(out).eval()
   assert type(model.config.text_config) is MixtralConfig
   ids, pixels = prompt_and_pixels(cfg, tok)
-  hf_logits, hf_tokens = hf_logits_and_greedy(model, ids, pixels)
-  logits, tokens = ours_greedy(cfg, params, ids, pixels.transpose(0, 2, 3, 1)[:, None])
-  assert np.abs(logits - hf_logits).max() <= 1e-4
-  assert np.abs(hf_logits).max() > 0.1
-  np.testing.assert_array_equal(tokens, hf_tokens)
+  assert_logits_and_greedy_match_hf(model, cfg, params, ids, pixels, "born in vlm_jax")
 
 
 def _llava_moe(**moe):

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures_workdir import tiny_config
 
-from vlm_jax.config import Config, DataConfig, DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vlm_jax.generate import Generator, Sampling, sample
 from vlm_jax.inputs.tokenizer import train_sentencepiece
 from vlm_jax.model.vlm import VLM, init_params
@@ -20,16 +20,6 @@ T = 4  # <image> tokens per tile: 16 px images, patch 8
 @functools.cache
 def tokenizer():
   return train_sentencepiece(SENTENCES, 400)
-
-
-def tiny_config(vocab_size: int) -> Config:
-  model = ModelConfig(
-      vision=VisionConfig(kind="siglip", image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32),
-      projector=ProjectorConfig(kind="mlp"),
-      decoder=DecoderConfig(vocab_size=vocab_size, width=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                            mlp_dim=64),
-      image_token_id=4)
-  return Config(model=model, data=DataConfig(max_tiles=2))
 
 
 @functools.cache

@@ -3,8 +3,7 @@ generation prompt and the pixel values (NCHW there, NHWC here) of Idefics3Proces
 LlavaProcessor (one tile) must equal ours."""
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from fixtures_tokenizer import bpe_tokenizer
 from transformers import (Idefics3ImageProcessorPil, Idefics3Processor, LlavaProcessor, PreTrainedTokenizerFast,
                           SiglipImageProcessorPil)
 from transformers.image_utils import PILImageResampling
@@ -21,13 +20,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
   """A byte-level BPE tokenizer.json with our special tokens appended, saved our way."""
-  tk = tokenizers.Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tk.decoder = decoders.ByteLevel()
-  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False))
-  tok = Tokenizer(hf_json=tk.to_str(), roles={"eos": "<|endoftext|>"})
+  tok = Tokenizer(hf_json=bpe_tokenizer(CORPUS).to_str(), roles={"eos": "<|endoftext|>"})
   tok.add_special_tokens()
   path = tmp_path_factory.mktemp("tokenizer")
   tok.save(path)

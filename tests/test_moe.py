@@ -9,17 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures_model import (IMG, assert_decode_equals_full_forward, jit_apply, make_batch, make_row, random_pixels,
+                            sharded_value_and_grad)
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import config, sharding
 from vlm_jax.config import DecoderConfig, MeshConfig, ModelConfig, MoeConfig, ProjectorConfig, VisionConfig
-from vlm_jax.losses import IGNORE_ID, token_cross_entropy
+from vlm_jax.losses import token_cross_entropy
 from vlm_jax.model import moe
 from vlm_jax.model.layers import Dense
-from vlm_jax.model.vlm import VLM, abstract_params, init_cache, init_params
+from vlm_jax.model.vlm import VLM, abstract_params, init_params
 
 E, K, D, F = 4, 2, 16, 8
-IMG = 4
 
 
 def _np_softmax(z):
@@ -186,28 +187,13 @@ def _moe_cfg(every_n=1, scan=True, capacity_factor=0.0, num_layers=2, remat="non
                                                                                  num_layers=num_layers))
 
 
-def _row(tokens, length, offset=0):
-  ids, seg, pos = (np.zeros(length, np.int32) for _ in range(3))
-  ids[offset:offset + len(tokens)] = tokens
-  seg[offset:offset + len(tokens)] = 1
-  pos[offset:offset + len(tokens)] = np.arange(len(tokens))
-  return ids, seg, pos
-
-
 def _batch(rows, seed=0):
-  ids, seg, pos = (np.stack(a) for a in zip(*rows))
-  pixels = np.random.RandomState(seed).randn(len(rows), 1, 16, 16, 3).astype(np.float32)
-  return {"input_ids": ids, "segment_ids": seg, "positions": pos, "pixel_values": pixels,
-          "tile_mask": np.ones((len(rows), 1), bool), "labels": np.where(seg > 0, ids, IGNORE_ID)}
+  return make_batch(rows, random_pixels(len(rows), 1, seed=seed), np.ones((len(rows), 1), bool))
 
 
 def _text_batch(n=4, length=12):
-  return _batch([_row([2, *[IMG] * T, 9 + i, 10, 11 + 2 * i, 12][:length - 1 - i % 2], length) for i in range(n)])
-
-
-@functools.cache
-def _apply(cfg, **kw):
-  return jax.jit(functools.partial(VLM(cfg).apply, **kw))
+  return _batch([make_row([2, *[IMG] * T, 9 + i, 10, 11 + 2 * i, 12][:length - 1 - i % 2], length)
+                 for i in range(n)])
 
 
 def test_vlm_aux_loss_is_weighted_sum_of_layer_router_losses():
@@ -228,7 +214,7 @@ def test_vlm_aux_loss_is_weighted_sum_of_layer_router_losses():
   np.testing.assert_allclose(float(out["aux_loss"]), expected, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(out["moe_metrics"]["expert_load"]), np.mean(loads, 0), atol=1e-6)
   assert float(out["moe_metrics"]["dropped_fraction"]) == 0.0
-  dense = _apply(TINY)({"params": init_params(TINY, jax.random.key(0))}, batch)
+  dense = jit_apply(TINY)({"params": init_params(TINY, jax.random.key(0))}, batch)
   assert float(dense["aux_loss"]) == 0.0 and dense["moe_metrics"] == {}
 
 
@@ -249,7 +235,7 @@ def test_scanned_groups_equal_unscanned_layers():
   assert jax.tree.map(lambda a: a.shape, scanned) == jax.tree.map(lambda s: s.shape, shapes)
   assert shapes["decoder"]["layers"]["layers_1"]["moe"]["experts"]["gate_up"].shape == (2, E, 32, 2, 32)
   batch = _text_batch()
-  loop, scan = _apply(loop_cfg)({"params": params}, batch), _apply(scan_cfg)({"params": scanned}, batch)
+  loop, scan = jit_apply(loop_cfg)({"params": params}, batch), jit_apply(scan_cfg)({"params": scanned}, batch)
   np.testing.assert_allclose(np.asarray(scan["logits"]), np.asarray(loop["logits"]), atol=1e-5)
   np.testing.assert_allclose(float(scan["aux_loss"]), float(loop["aux_loss"]), rtol=1e-6)
   assert float(loop["aux_loss"]) > 0.1 * 2 * 1.0  # two MoE layers, load balancing >= 1 each
@@ -262,17 +248,8 @@ def test_kv_cache_decode_equals_full_forward(every_n, scan):
   prompt0, prompt1 = [2, *[IMG] * T, 9, 10], [2, *[IMG] * T]  # row 1 is left-padded by 2
   generated = [[20, 21, 22], [30, 31, 32]]
   p_len, total = len(prompt0), len(prompt0) + 3
-  full = _batch([_row(prompt0 + generated[0], total), _row(prompt1 + generated[1], total, offset=2)], seed=2)
-  reference = np.asarray(_apply(cfg)({"params": params}, full)["logits"])
-  prompt = {k: (v[:, :p_len] if k in ("input_ids", "segment_ids", "positions") else v) for k, v in full.items()}
-  cache = init_cache(cfg, batch_size=2, max_len=total)
-  logits, state = _apply(cfg, method=VLM.prefill, mutable=("cache",))({"params": params, "cache": cache}, prompt)
-  real = full["segment_ids"][:, :p_len] > 0
-  np.testing.assert_allclose(np.asarray(logits)[real], reference[:, :p_len][real], atol=1e-5)
-  step = _apply(cfg, method=VLM.decode_step, mutable=("cache",))
-  for t in range(p_len, total):
-    logits, state = step({"params": params, **state}, full["input_ids"][:, t:t + 1], full["positions"][:, t:t + 1])
-    np.testing.assert_allclose(np.asarray(logits)[:, 0], reference[:, t], atol=1e-5)
+  full = _batch([make_row(prompt0 + generated[0], total), make_row(prompt1 + generated[1], total, offset=2)], seed=2)
+  assert_decode_equals_full_forward(cfg, params, full, p_len, total)
 
 
 @pytest.mark.parametrize("mesh_cfg,every_n,capacity_factor,remat", [
@@ -293,17 +270,13 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_cfg, every_n, capacity_
 
   _, logical = abstract_params(cfg)
   shardings = sharding.logical_shardings(logical, mesh)
-  batch_shardings = {k: sharding.data_sharding(mesh, v.ndim) for k, v in batch.items()}
   layers = shardings["decoder"]["layers"] if every_n == 1 else shardings["decoder"]["layers"]["layers_1"]
   assert layers["moe"]["experts"]["gate_up"].spec == P(None, "expert", "fsdp", None, "tensor")
   assert layers["moe"]["experts"]["down"].spec == P(None, "expert", "tensor", "fsdp")
   assert layers["moe"]["router"]["kernel"].spec == P(None, "fsdp", None)
-  assert batch_shardings["input_ids"].spec == P(("data", "fsdp", "expert"), None)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(shardings, batch_shardings),
-                   out_shardings=((sharding.replicated(mesh), sharding.replicated(mesh)), shardings))
-    (sharded_loss, sharded_metrics), sharded_grads = step(jax.device_put(params, shardings),
-                                                          jax.device_put(batch, batch_shardings))
+  assert sharding.data_sharding(mesh, 2).spec == P(("data", "fsdp", "expert"), None)
+  (sharded_loss, sharded_metrics), sharded_grads = sharded_value_and_grad(loss_fn, params, batch, mesh, shardings,
+                                                                          has_aux=True)
   np.testing.assert_allclose(float(sharded_loss), float(loss), atol=1e-5)
   for a, b in zip(jax.tree.leaves((grads, metrics)), jax.tree.leaves((sharded_grads, sharded_metrics))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)

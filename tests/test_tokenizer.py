@@ -2,8 +2,7 @@
 import json
 
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from fixtures_tokenizer import bpe_tokenizer
 
 from vlm_jax.inputs.tokenizer import SPECIAL_TOKENS, Tokenizer, train_sentencepiece
 
@@ -19,14 +18,7 @@ def sp():
 
 
 def hf_bpe_json() -> str:
-  """A tiny byte-level BPE tokenizer.json, trained here (no downloads)."""
-  tk = tokenizers.Tokenizer(models.BPE())
-  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tk.decoder = decoders.ByteLevel()
-  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False))
-  return tk.to_str()
+  return bpe_tokenizer(CORPUS).to_str()
 
 
 def test_sentencepiece_special_ids(sp):

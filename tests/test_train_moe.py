@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
+from fixtures_train import lm_batch, tiny_config
 
 from vlm_jax import config as config_lib
 from vlm_jax import losses
@@ -26,36 +27,14 @@ TINY_RUN_CONFIG = str(pathlib.Path(__file__).parent / "tiny_run_config.py")
 E = 4
 # Tiny shapes_moe: 2 scanned MoE layers, 2 of 4 experts per token, capacity factor 1 (8 slots per expert and row
 # of 16 tokens), so an unbalanced router drops some choices and dropped_fraction is not trivially 0.
-OVERRIDES = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.depth=1",
-             "model.vision.num_heads=2", "model.vision.mlp_dim=32", "model.decoder.vocab_size=64",
-             "model.decoder.width=32", "model.decoder.num_layers=2", "model.decoder.num_heads=2",
-             "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=64", "model.contrastive.width=16",
-             "model.contrastive.depth=1", "model.contrastive.num_heads=2", "model.contrastive.mlp_dim=32",
-             "model.contrastive.embed_dim=16", "model.contrastive.max_text_len=8",
-             f"model.decoder.moe.num_experts={E}", "model.decoder.moe.expert_mlp_dim=32",
-             "model.decoder.moe.capacity_factor=1.0", "model.decoder.moe.router_aux_loss_coef=0.1",
-             "model.decoder.moe.router_z_loss_coef=0.01"]
+MOE = ["model.decoder.num_layers=2", f"model.decoder.moe.num_experts={E}", "model.decoder.moe.expert_mlp_dim=32",
+       "model.decoder.moe.capacity_factor=1.0", "model.decoder.moe.router_aux_loss_coef=0.1",
+       "model.decoder.moe.router_z_loss_coef=0.01"]
 STAGE = StageConfig(name="moe", steps=1, batch_size=8, grad_accum=2, trainable=(".*",), warmup_steps=0)
 
 
 def moe_config():
-  return config_lib.load("shapes_moe", OVERRIDES)
-
-
-def lm_batch(cfg, rows=8, seq=16, seed=0):
-  """Rows open with one tile's `<image>` ids; row b supervises its last 3 + b % 5 tokens."""
-  rng = np.random.default_rng(seed)
-  m = cfg.model
-  ids = rng.integers(10, m.decoder.vocab_size, (rows, seq)).astype(np.int32)
-  ids[:, :m.image_tokens_per_tile] = m.image_token_id
-  labels = np.full_like(ids, losses.IGNORE_ID)
-  for b in range(rows):
-    labels[b, seq - 3 - b % 5:] = ids[b, seq - 3 - b % 5:]
-  size = m.vision.image_size
-  return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
-          "pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
-          "tile_mask": np.ones((rows, 1), bool)}
+  return tiny_config("shapes_moe", MOE)
 
 
 def sgd_step(cfg, mesh, batch):
@@ -150,11 +129,9 @@ def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # n
   """4 steps of a tiny MoE VLM through run_stage, logged every 2: each record holds the mean of its 2 steps'
   metrics as the step returned them, expert loads as moe/expert_load/0..E-1 (summing to 1), and TensorBoard gets
   the same scalars plus a per-expert histogram."""
-  cfg = config_lib.load(TINY_RUN_CONFIG, [
-      f"data.data_dir={shapes_data_dir}", "mesh.expert=2", f"model.decoder.moe.num_experts={E}",
-      "model.decoder.moe.expert_mlp_dim=32", "model.decoder.moe.capacity_factor=1.0",
-      "model.decoder.moe.router_aux_loss_coef=0.1", "model.decoder.moe.router_z_loss_coef=0.01",
-      "train.stages.instruct.log_every=2", "train.stages.instruct.checkpoint_every=100"])
+  cfg = config_lib.load(TINY_RUN_CONFIG, [f"data.data_dir={shapes_data_dir}", "mesh.expert=2", *MOE,
+                                          "train.stages.instruct.log_every=2",
+                                          "train.stages.instruct.checkpoint_every=100"])
   stage = cfg.train.stage("instruct")
   returned, make_train_step = [], step.make_train_step
 

@@ -1,21 +1,20 @@
 """The VLM: image merge, packing, KV-cache generation, sharded loss/grads, contrastive heads, big shapes."""
-import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures_model import (IMG, assert_decode_equals_full_forward, jit_apply, make_batch, make_row, random_pixels,
+                            sharded_value_and_grad)
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import sharding
 from vlm_jax.config import (ContrastiveConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
                             VisionConfig)
-from vlm_jax.losses import IGNORE_ID, token_cross_entropy
-from vlm_jax.model.vlm import VLM, abstract_params, dummy_batch, init_cache, init_params
+from vlm_jax.losses import token_cross_entropy
+from vlm_jax.model.vlm import VLM, abstract_params, dummy_batch, init_params
 
-IMG = 4  # <image> id
 TINY = ModelConfig(
     vision=VisionConfig(kind="siglip", image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32),
     projector=ProjectorConfig(kind="mlp", act="gelu"),
@@ -28,39 +27,16 @@ def _params(cfg=TINY, seed=0):
   return init_params(cfg, jax.random.key(seed))
 
 
-def _pixels(*shape, seed=0):
-  return np.random.RandomState(seed).randn(*shape, 16, 16, 3).astype(np.float32)
-
-
-def _row(tokens, length, offset=0):
-  """(ids, segments, positions) of `tokens` placed at `offset` in a row of `length` (rest padding)."""
-  ids, seg, pos = (np.zeros(length, np.int32) for _ in range(3))
-  ids[offset:offset + len(tokens)] = tokens
-  seg[offset:offset + len(tokens)] = 1
-  pos[offset:offset + len(tokens)] = np.arange(len(tokens))
-  return ids, seg, pos
-
-
-def _batch(rows, pixels, tile_mask):
-  ids, seg, pos = (np.stack(a) for a in zip(*rows))
-  return {"input_ids": ids, "segment_ids": seg, "positions": pos, "pixel_values": pixels,
-          "tile_mask": np.asarray(tile_mask, bool), "labels": np.where(seg > 0, ids, IGNORE_ID)}
-
-
-@functools.cache
-def _apply(cfg=TINY, **kw):
-  return jax.jit(functools.partial(VLM(cfg).apply, **kw))
-
-
 def test_image_features_replace_image_tokens_in_order():
   params = _params()
   sample0 = [2, *[IMG] * T, 9, 10]  # one image
   sample1 = [2, *[IMG] * T, 11, *[IMG] * T, 12]  # two images
-  batch = _batch([_row(sample0, 12), _row(sample1, 12)], _pixels(2, 2), [[True, False], [True, True]])
-  out, state = _apply(mutable=("intermediates",))({"params": params}, batch)
+  batch = make_batch([make_row(sample0, 12), make_row(sample1, 12)], random_pixels(2, 2),
+                     [[True, False], [True, True]])
+  out, state = jit_apply(TINY, mutable=("intermediates",))({"params": params}, batch)
   embeddings = np.asarray(state["intermediates"]["decoder"]["embeddings"][0])
-  features = np.asarray(_apply(method=VLM.embed_images)({"params": params}, batch["pixel_values"],
-                                                        batch["tile_mask"]))
+  features = np.asarray(jit_apply(TINY, method=VLM.embed_images)({"params": params}, batch["pixel_values"],
+                                                                 batch["tile_mask"]))
   assert features.shape == (2, 2 * T, 32)
   np.testing.assert_array_equal(features[0, T:], 0)  # the padding tile yields zeros
   for b, n in ((0, T), (1, 2 * T)):
@@ -70,8 +46,8 @@ def test_image_features_replace_image_tokens_in_order():
     np.testing.assert_array_equal(embeddings[b, ~where], table[batch["input_ids"][b, ~where]])
   # Pixels of padding tiles do not matter at all.
   noisy = dict(batch, pixel_values=batch["pixel_values"].copy())
-  noisy["pixel_values"][0, 1] = _pixels(1, seed=5)[0]
-  np.testing.assert_array_equal(np.asarray(_apply()({"params": params}, noisy)["logits"]),
+  noisy["pixel_values"][0, 1] = random_pixels(1, seed=5)[0]
+  np.testing.assert_array_equal(np.asarray(jit_apply(TINY)({"params": params}, noisy)["logits"]),
                                 np.asarray(out["logits"]))
 
 
@@ -79,15 +55,15 @@ def test_packed_row_equals_samples_alone():
   params = _params()
   a = [2, *[IMG] * T, 9, 10]
   b = [2, 13, *[IMG] * T, 12]
-  pix = _pixels(2, seed=1)
+  pix = random_pixels(2, seed=1)
   length = 16
-  ids, seg, pos = _row(a + b, length)
+  ids, seg, pos = make_row(a + b, length)
   seg[len(a):len(a) + len(b)] = 2
   pos[len(a):len(a) + len(b)] = np.arange(len(b))
   pixels = np.stack([pix, np.stack([pix[0], pix[0]]), np.stack([pix[1], pix[1]])])
-  batch = _batch([(ids, seg, pos), _row(a, length), _row(b, length)], pixels,
-                 [[True, True], [True, False], [True, False]])
-  logits = np.asarray(_apply()({"params": params}, batch)["logits"])
+  batch = make_batch([(ids, seg, pos), make_row(a, length), make_row(b, length)], pixels,
+                     [[True, True], [True, False], [True, False]])
+  logits = np.asarray(jit_apply(TINY)({"params": params}, batch)["logits"])
   np.testing.assert_allclose(logits[0, :len(a)], logits[1, :len(a)], atol=1e-5)
   np.testing.assert_allclose(logits[0, len(a):len(a) + len(b)], logits[2, :len(b)], atol=1e-5)
   assert np.abs(logits[1, :len(a)] - logits[2, :len(a)]).max() > 1e-3  # the samples do differ
@@ -100,31 +76,22 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(scan):
   prompt0, prompt1 = [2, *[IMG] * T, 9, 10], [2, *[IMG] * T]  # row 1 is left-padded by 2
   generated = [[20, 21, 22], [30, 31, 32]]
   p_len, total = len(prompt0), len(prompt0) + 3
-  rows = [_row(prompt0 + generated[0], total), _row(prompt1 + generated[1], total, offset=2)]
-  full = _batch(rows, _pixels(2, 1, seed=2), [[True], [True]])
-  reference = np.asarray(_apply(cfg)({"params": params}, full)["logits"])
-
-  prompt = {k: (v[:, :p_len] if k in ("input_ids", "segment_ids", "positions") else v) for k, v in full.items()}
-  cache = init_cache(cfg, batch_size=2, max_len=total + 2)  # spare slots stay empty
-  logits, state = _apply(cfg, method=VLM.prefill, mutable=("cache",))({"params": params, "cache": cache}, prompt)
-  real = full["segment_ids"][:, :p_len] > 0
-  np.testing.assert_allclose(np.asarray(logits)[real], reference[:, :p_len][real], atol=1e-5)
-  step = _apply(cfg, method=VLM.decode_step, mutable=("cache",))
-  for t in range(p_len, total):
-    logits, state = step({"params": params, **state}, full["input_ids"][:, t:t + 1], full["positions"][:, t:t + 1])
-    np.testing.assert_allclose(np.asarray(logits)[:, 0], reference[:, t], atol=1e-5)
+  rows = [make_row(prompt0 + generated[0], total), make_row(prompt1 + generated[1], total, offset=2)]
+  full = make_batch(rows, random_pixels(2, 1, seed=2), [[True], [True]])
+  state = assert_decode_equals_full_forward(cfg, params, full, p_len, total + 2)  # spare slots stay empty
   assert int(state["cache"]["decoder"]["index"]) == total
   # The left-padded row equals the same sample without padding.
-  alone = _batch([_row(prompt1 + generated[1], total - 2)], full["pixel_values"][1:], [[True]])
-  np.testing.assert_allclose(np.asarray(_apply(cfg)({"params": params}, alone)["logits"])[0], reference[1, 2:],
+  alone = make_batch([make_row(prompt1 + generated[1], total - 2)], full["pixel_values"][1:], [[True]])
+  reference = np.asarray(jit_apply(cfg)({"params": params}, full)["logits"])
+  np.testing.assert_allclose(np.asarray(jit_apply(cfg)({"params": params}, alone)["logits"])[0], reference[1, 2:],
                              atol=1e-5)
 
 
 def test_sharded_loss_and_grads_equal_single_device():
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   params = _params()
-  rows = [_row([2, *[IMG] * T, 9 + i, 10, 11], 12) for i in range(4)]
-  batch = _batch(rows, _pixels(4, 1, seed=3), [[True]] * 4)
+  rows = [make_row([2, *[IMG] * T, 9 + i, 10, 11], 12) for i in range(4)]
+  batch = make_batch(rows, random_pixels(4, 1, seed=3), [[True]] * 4)
 
   def loss_fn(p, batch):
     total, count = token_cross_entropy(VLM(TINY).apply({"params": p}, batch)["logits"], batch["labels"])
@@ -133,16 +100,12 @@ def test_sharded_loss_and_grads_equal_single_device():
 
   _, logical = abstract_params(TINY)
   param_shardings = sharding.logical_shardings(logical, mesh)
-  batch_shardings = {k: sharding.data_sharding(mesh, v.ndim) for k, v in batch.items()}
   assert logical["decoder"]["layers"]["attn"]["q_proj"]["kernel"] == P("layers", "embed", "heads", "head_dim")
   assert param_shardings["decoder"]["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tensor", None)
   assert param_shardings["decoder"]["embed"]["embedding"].spec == P(None, "fsdp")
   assert param_shardings["decoder"]["lm_head"]["kernel"].spec == P("fsdp", "tensor")
   assert param_shardings["vision"]["layers"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    step = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(param_shardings, batch_shardings),
-                   out_shardings=(sharding.replicated(mesh), param_shardings))
-    sharded_loss, sharded_grads = step(jax.device_put(params, param_shardings), jax.device_put(batch, batch_shardings))
+  sharded_loss, sharded_grads = sharded_value_and_grad(loss_fn, params, batch, mesh, param_shardings)
   assert sharded_grads["decoder"]["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
   np.testing.assert_allclose(float(sharded_loss), float(loss), atol=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
@@ -158,24 +121,24 @@ def test_contrastive_embeddings():
   assert set(params) == {"vision", "projector", "decoder", "contrastive"} and "contrastive" not in _params()
   text = np.array([[5, 6, 7, 0, 0, 0], [5, 9, 0, 0, 0, 0]], np.int32)
   mask = text > 0
-  fn = _apply(cfg, method=VLM.contrastive_embeddings)
-  img, txt, scale, bias = fn({"params": params}, _pixels(2, 1, seed=4), text, mask)
+  fn = jit_apply(cfg, method=VLM.contrastive_embeddings)
+  img, txt, scale, bias = fn({"params": params}, random_pixels(2, 1, seed=4), text, mask)
   assert img.shape == txt.shape == (2, 8)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(img), axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(txt), axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose([float(scale), float(bias)], [10.0, -10.0], rtol=1e-6)
   # Tokens outside text_mask do not change the text embedding.
-  _, txt2, _, _ = fn({"params": params}, _pixels(2, 1, seed=4), np.where(mask, text, 33), mask)
+  _, txt2, _, _ = fn({"params": params}, random_pixels(2, 1, seed=4), np.where(mask, text, 33), mask)
   np.testing.assert_allclose(np.asarray(txt2), np.asarray(txt), atol=1e-6)
 
 
 def test_bfloat16_close_to_float32():
   cfg = ModelConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
   params = _params()
-  batch = _batch([_row([2, *[IMG] * T, 9, 10], 10), _row([2, 11, *[IMG] * T], 10)], _pixels(2, 1, seed=6),
-                 [[True], [True]])
-  f32 = np.asarray(_apply()({"params": params}, batch)["logits"])
-  bf16 = _apply(cfg, return_hidden_states=True)({"params": params}, batch)
+  batch = make_batch([make_row([2, *[IMG] * T, 9, 10], 10), make_row([2, 11, *[IMG] * T], 10)],
+                     random_pixels(2, 1, seed=6), [[True], [True]])
+  f32 = np.asarray(jit_apply(TINY)({"params": params}, batch)["logits"])
+  bf16 = jit_apply(cfg, return_hidden_states=True)({"params": params}, batch)
   assert bf16["logits"].dtype == jnp.float32 and bf16["hidden_states"].dtype == jnp.bfloat16
   err, scale = np.abs(np.asarray(bf16["logits"]) - f32).max(), np.abs(f32).max()
   # bf16 keeps 8 mantissa bits (0.4% steps); through ViT + projector + 2 layers we allow 3% of the logit range.

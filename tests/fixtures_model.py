@@ -1,0 +1,66 @@
+"""Model-test inputs shared by tests/test_vlm.py and tests/test_moe.py: hand-placed token rows, batches, a cached
+jitted apply, the KV-cache decode check and a sharded loss/grads step."""
+import functools
+
+import jax
+import numpy as np
+
+from vlm_jax import sharding
+from vlm_jax.losses import IGNORE_ID
+from vlm_jax.model.vlm import VLM, init_cache
+from vlm_jax.train.step import use_mesh
+
+IMG = 4  # <image> id
+
+
+def random_pixels(*shape, seed=0, size=16):
+  """f32 [*shape, size, size, 3] standard normal tiles."""
+  return np.random.RandomState(seed).randn(*shape, size, size, 3).astype(np.float32)
+
+
+def make_row(tokens, length, offset=0):
+  """(ids, segments, positions) int32 [length] of `tokens` placed at `offset` in a row of `length` (rest padding)."""
+  ids, seg, pos = (np.zeros(length, np.int32) for _ in range(3))
+  ids[offset:offset + len(tokens)] = tokens
+  seg[offset:offset + len(tokens)] = 1
+  pos[offset:offset + len(tokens)] = np.arange(len(tokens))
+  return ids, seg, pos
+
+
+def make_batch(rows, pixels, tile_mask):
+  """A model batch (DESIGN.md) of `make_row` rows, labels on every real token; pixels [B, N, H, W, 3]."""
+  ids, seg, pos = (np.stack(a) for a in zip(*rows))
+  return {"input_ids": ids, "segment_ids": seg, "positions": pos, "pixel_values": pixels,
+          "tile_mask": np.asarray(tile_mask, bool), "labels": np.where(seg > 0, ids, IGNORE_ID)}
+
+
+@functools.cache
+def jit_apply(cfg, **kw):
+  return jax.jit(functools.partial(VLM(cfg).apply, **kw))
+
+
+def assert_decode_equals_full_forward(cfg, params, full, prompt_len, cache_len):
+  """Prefills `full`'s first prompt_len positions into a KV cache of cache_len slots, then decodes the rest one
+  token at a time: the logits of every real prompt position and every decode step equal the full forward's
+  (1e-5). -> the final cache state."""
+  reference = np.asarray(jit_apply(cfg)({"params": params}, full)["logits"])
+  prompt = {k: (v[:, :prompt_len] if k in ("input_ids", "segment_ids", "positions") else v) for k, v in full.items()}
+  cache = init_cache(cfg, batch_size=full["input_ids"].shape[0], max_len=cache_len)
+  logits, state = jit_apply(cfg, method=VLM.prefill, mutable=("cache",))({"params": params, "cache": cache}, prompt)
+  real = full["segment_ids"][:, :prompt_len] > 0
+  np.testing.assert_allclose(np.asarray(logits)[real], reference[:, :prompt_len][real], atol=1e-5)
+  step = jit_apply(cfg, method=VLM.decode_step, mutable=("cache",))
+  for t in range(prompt_len, full["input_ids"].shape[1]):
+    logits, state = step({"params": params, **state}, full["input_ids"][:, t:t + 1], full["positions"][:, t:t + 1])
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], reference[:, t], atol=1e-5)
+  return state
+
+
+def sharded_value_and_grad(loss_fn, params, batch, mesh, param_shardings, has_aux=False):
+  """jax.value_and_grad(loss_fn, has_aux)(params, batch) jitted on `mesh`: params placed by `param_shardings`, the
+  batch over the batch axes. -> (value, replicated; grads, sharded like the params)."""
+  batch_shardings = {k: sharding.data_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+  with use_mesh(mesh):
+    fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux), in_shardings=(param_shardings, batch_shardings),
+                 out_shardings=(sharding.replicated(mesh), param_shardings))
+    return fn(jax.device_put(params, param_shardings), jax.device_put(batch, batch_shardings))
