@@ -17,11 +17,13 @@ def get_config() -> Config:
       projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2),
       decoder=DecoderConfig(vocab_size=512, width=192, num_layers=3, num_heads=6, num_kv_heads=2, mlp_dim=512,
                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=256),
+      # Hard negatives (the caption with the kind or the position of one shape changed): in-batch captions
+      # differ mostly by colour, which the towers learn first and then stop.
       contrastive=ContrastiveConfig(enabled=True, loss="clip", width=128, depth=2, num_heads=4, mlp_dim=512,
-                                    embed_dim=128, max_text_len=64),
+                                    embed_dim=128, max_text_len=32, hard_negatives=2),
       image_token_id=4, dtype="float32", scan_layers=True, remat="none")
   data = DataConfig(data_dir="runs/tensorflow_datasets", tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=512),
-                    seq_len=160, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
+                    seq_len=96, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
   common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
   stages = (
       StageConfig(name="vision_pretrain", steps=300, batch_size=64, trainable=("vision/.*", "contrastive/.*"),

@@ -69,8 +69,9 @@ def test_static_shapes_per_task(data_dir, task):
   it = loader.make_loader(cfg, stage, tok, process_index=0, process_count=1)
   batches = [next(it) for _ in range(3)]
   if task == "image_text":
-    expected = {"pixel_values": ((4, 1, 48, 48, 3), np.float32), "text_ids": ((4, 64), np.int32),
-                "text_mask": ((4, 64), np.bool_)}
+    expected = {"pixel_values": ((4, 1, 48, 48, 3), np.float32), "text_ids": ((4, 32), np.int32),
+                "text_mask": ((4, 32), np.bool_), "negative_text_ids": ((4, 2, 32), np.int32),
+                "negative_text_mask": ((4, 2, 32), np.bool_), "negative_valid": ((4, 2), np.bool_)}
   else:
     expected = {"input_ids": ((4, 128), np.int32), "labels": ((4, 128), np.int32),
                 "segment_ids": ((4, 128), np.int32), "positions": ((4, 128), np.int32),

@@ -129,7 +129,8 @@ class ShapesVqa(RecordBuilder):
     texts = [t for spec in specs for t in corpus(spec)]
     if not texts:
       raise ValueError("shapes_vqa: num_train must be > 0 to train the tokenizer.")
-    tokenizer_lib.train_sentencepiece(texts, self.builder_config.vocab_size).save(tokenizer_dir(self))
+    # BPE: one piece per word of this small vocabulary (unigram split "large" and "user" into several).
+    tokenizer_lib.train_sentencepiece(texts, self.builder_config.vocab_size, model_type="bpe").save(tokenizer_dir(self))
 
 
 def tokenizer_dir(builder: tfds.core.DatasetBuilder) -> epath.Path:
