@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compare-torch", action="store_true",
                  help="also export the model to transformers and time its train step and generate (f32, bf16)")
   p.add_argument("--json", default=None, metavar="OUT", help="write every number to this JSON file")
-  p.add_argument("--quick", action="store_true", help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 8 new "
+  p.add_argument("--quick", action="store_true",
+                 help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 8 new "
                  "tokens; compile times may be persistent-cache hits")
   p.set_defaults(fn=cmd_bench)
 
