@@ -1,6 +1,6 @@
-"""Train-step inputs shared by tests/test_train.py and tests/test_train_moe.py: overrides that shrink a config to a
-seconds-fast model (16 px images, one tile of 4 `<image>` tokens, decoder width 32, vocab 64) and a hand-made LM
-batch."""
+"""Shared by the training tests: overrides that shrink a config to a seconds-fast model (16 px images, one tile of 4
+`<image>` tokens, decoder width 32, vocab 64), a hand-made LM batch, and a reader of the TensorBoard events a run
+wrote."""
 import numpy as np
 
 from vlm_jax import config as config_lib
@@ -34,3 +34,16 @@ def lm_batch(cfg, rows=8, seq=16, seed=0):
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
           "pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
           "tile_mask": np.ones((rows, 1), bool)}
+
+
+def tensorboard_events(directory):
+  """Every Event proto in the TFRecord event files of `directory` (length, crc, data, crc per record)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  events = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  return events

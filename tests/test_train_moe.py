@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
-from fixtures_train import lm_batch, tiny_config
+from fixtures_train import lm_batch, tensorboard_events, tiny_config
 
 from vlm_jax import config as config_lib
 from vlm_jax import losses
@@ -110,19 +110,6 @@ def test_micro_batches_split_over_the_expert_axis_too():
   with pytest.raises(ValueError, match=r"2 rows per micro-batch do not split over the 4 \('data', 'fsdp', 'expert'\)"):
     step.check_batch_split(dataclasses.replace(STAGE, grad_accum=4), mesh)
   step.check_batch_split(STAGE, mesh)  # 4 rows over 4 batch shards
-
-
-def tensorboard_events(directory):
-  """Every Event proto in the TFRecord event files of `directory` (length, crc, data, crc per record)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  events = []
-  for path in sorted(directory.glob("events.out.tfevents.*")):
-    data, offset = path.read_bytes(), 0
-    while offset < len(data):
-      length = int.from_bytes(data[offset:offset + 8], "little")
-      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-      offset += 12 + length + 4
-  return events
 
 
 def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # noqa: F811

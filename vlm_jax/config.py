@@ -218,7 +218,11 @@ class StageConfig:
   checkpoint_every: int = 100
   max_to_keep: int = 2
   log_every: int = 10
+  # > 0: every eval_every steps, score the model on the first eval_limit records of eval_split (vlm_jax/evaluate.py:
+  # each question with images and blind, a caption per record) and log eval/accuracy/<type>, ... with the metrics.
   eval_every: int = 0
+  eval_split: str = "validation"
+  eval_limit: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +292,10 @@ def validate(cfg: Config) -> Config:
                         f"train.stages.{s.name}.batch_size={s.batch_size}.")
     if s.loss == "contrastive" and not cfg.model.contrastive.enabled:
       raise ConfigError(f"train.stages.{s.name}.loss='contrastive' needs model.contrastive.enabled=True.")
+    if s.eval_every < 0 or (s.eval_every and s.eval_limit <= 0):
+      raise ConfigError(f"train.stages.{s.name}: need eval_every >= 0 (0: no evaluation while training) and "
+                        f"eval_limit > 0 records when evaluating (got eval_every={s.eval_every}, "
+                        f"eval_limit={s.eval_limit}).")
   v, d = cfg.model.vision, cfg.model.decoder
   if v.image_size % v.patch_size:
     raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}.")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tqdm
 
+from vlm_jax.config import Config
 from vlm_jax.inputs.examples import caption_prompt
 from vlm_jax.inputs.images import grey_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN
@@ -209,24 +210,38 @@ def side_by_side(images: Sequence[np.ndarray]) -> np.ndarray:
   return np.concatenate(parts[:-1], axis=1)
 
 
+def eval_records(config: Config, split: str = "test", limit: int | None = None, data_dir: str | None = None,
+                 dataset: str | None = None) -> list[dict]:
+  """The first `limit` records (all when None) of `split` of `dataset` (default: the first dataset of the config's
+  last conversation stage, else of its last stage) in data_dir (default: config.data.data_dir)."""
+  from vlm_jax.inputs import loader  # pylint: disable=import-outside-toplevel  (TFDS only when evaluating)
+  if dataset is None:
+    stages = [s for s in config.train.stages if s.task == "conversation"] or list(config.train.stages)
+    dataset = stages[-1].datasets[0][0]
+  source = loader.data_source(dataset, split, data_dir or config.data.data_dir)
+  return [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]
+
+
+def as_metrics(results: dict) -> dict[str, float]:
+  """`score` results as flat scalars for the training metrics log: eval/accuracy/<type>,
+  eval/blind_accuracy/<type> (both with 'overall'), eval/caption_f1, eval/questions."""
+  out = {f"eval/{kind}/{t}": x for kind in ("accuracy", "blind_accuracy") for t, x in results[kind].items()}
+  return {**out, "eval/caption_f1": results["caption_f1"], "eval/questions": float(results["n"])}
+
+
 def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
              data_dir: str | None = None, stage: str | None = None, dataset: str | None = None,
              generator: Any = None, progress: bool = True) -> dict:
   """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
   `dataset` (default the first dataset of its last conversation stage), the first `limit` records only if
   given. Writes W/eval/results.json and W/eval/samples.png; returns the results (see `score`)."""
-  # pylint: disable=import-outside-toplevel  (model, checkpoint and TFDS imports only when evaluating)
+  # pylint: disable=import-outside-toplevel  (model and checkpoint imports only when evaluating)
   from vlm_jax import workdir as workdir_lib
   from vlm_jax.generate import Generator
-  from vlm_jax.inputs import loader
   config = workdir_lib.read_config(workdir)
   if generator is None:
     generator = Generator(*workdir_lib.load(workdir, stage))
-  if dataset is None:
-    stages = [s for s in config.train.stages if s.task == "conversation"] or list(config.train.stages)
-    dataset = stages[-1].datasets[0][0]
-  source = loader.data_source(dataset, split, data_dir or config.data.data_dir)
-  records = [source[i] for i in range(len(source) if limit is None else min(limit, len(source)))]
+  records = eval_records(config, split, limit, data_dir, dataset)
   results, samples = score(generator, records, batch_size=batch_size, progress=progress)
   write_results(workdir, results)
   save_grid(pathlib.Path(workdir) / "eval" / "samples.png", [im for im, _ in samples], [t for _, t in samples])

@@ -4,6 +4,10 @@ For each stage: finished (W/<stage>/FINISHED) -> skipped; a checkpoint in W/<sta
 and data iterator; step k always uses fold_in(rng, k)); otherwise params come from `init_from`, else the previous
 stage's final params (fresh optimizer state), else a fresh init for the first stage.
 
+Metrics: every log_every steps the means of the step metrics since the last log (vlm_jax/train/metrics.py); with
+`eval_every` > 0, every eval_every steps also the evaluate.score of the current params on the first eval_limit
+records of eval_split (eval/accuracy/<type>, eval/blind_accuracy/<type>, eval/caption_f1, eval/questions).
+
 Every process of a multi-host run runs this same loop in lockstep; only process 0 prints and writes metrics,
 every process writes its part of the checkpoints (the workdir must be shared, e.g. gs://). On SIGTERM all
 processes agree on a step (`distributed.Preemption`), save it and return early; the next launch resumes there.
@@ -21,8 +25,9 @@ from etils import epath
 
 from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
-from vlm_jax import distributed
+from vlm_jax import distributed, evaluate
 from vlm_jax.config import Config, StageConfig
+from vlm_jax.generate import Generator
 from vlm_jax.inputs import loader as loader_lib
 from vlm_jax.inputs import shards
 from vlm_jax.inputs.tokenizer import load_tokenizer
@@ -97,23 +102,28 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
   pending, tokens, tick, preempted = [], 0, time.perf_counter(), False
   bar = tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name, disable=jax.process_index() != 0,
                   dynamic_ncols=True)
-  with step_lib.use_mesh(mesh):
-    for step in range(start + 1, stage.steps + 1):
-      host_batch = next(data)
-      tokens += _batch_tokens(host_batch) * jax.process_count()
+  eval_records = evaluate.eval_records(config, stage.eval_split, stage.eval_limit) if stage.eval_every else None
+  for step in range(start + 1, stage.steps + 1):
+    host_batch = next(data)
+    tokens += _batch_tokens(host_batch) * jax.process_count()
+    with step_lib.use_mesh(mesh):
       state, metrics = train_step(state, loader_lib.to_global(host_batch, mesh))
-      pending.append(metrics)
-      if step % stage.log_every == 0 or step == stage.steps:
-        values = _summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
-        writer.write(step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        pending, tokens, tick = [], 0, time.perf_counter()
-      # Every process asks after every step (the sync service counts steps), then saves the agreed one.
-      preempted = preemption is not None and preemption.reached(step)
-      checkpoint.save(mngr, step, state, data, force=step == stage.steps or preempted)
-      bar.update(1)
-      if preempted:
-        break
+    pending.append(metrics)
+    evaluating = eval_records is not None and step % stage.eval_every == 0
+    if step % stage.log_every == 0 or step == stage.steps or evaluating:
+      values = _summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
+      if evaluating:  # outside use_mesh, like `vlm-jax eval`, so the scores equal its on this step's checkpoint
+        results, _ = evaluate.score(Generator(config, state["params"], tokenizer), eval_records, progress=False)
+        values.update(evaluate.as_metrics(results))
+      writer.write(step, values)
+      bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+      pending, tokens, tick = [], 0, time.perf_counter()
+    # Every process asks after every step (the sync service counts steps), then saves the agreed one.
+    preempted = preemption is not None and preemption.reached(step)
+    checkpoint.save(mngr, step, state, data, force=step == stage.steps or preempted)
+    bar.update(1)
+    if preempted:
+      break
   bar.close()
   if preempted and step < stage.steps:
     mngr.wait_until_finished()
