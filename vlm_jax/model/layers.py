@@ -5,6 +5,7 @@ the compute dtype is passed in. Norm statistics are always computed in float32.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -39,6 +40,41 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def _dims(lhs_contract, rhs_contract):
+  return ((tuple(lhs_contract), tuple(rhs_contract)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def low_precision_matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """x [..., *in] (bf16) . kernel [*in, *out] (float32 master weights) -> [..., *out] in x's dtype.
+
+  Every product takes x's dtype for its inputs and accumulates in float32 (bf16 x bf16 -> f32, then one
+  rounding), forward and backward: XLA:CPU runs those dots 2-3x faster than bf16 -> bf16 ones, and plain autodiff
+  of a preferred_element_type=f32 dot would hand the backward float32 cotangents (f32 dots, as slow). The kernel
+  gradient comes out in float32, unrounded.
+  """
+  return _low_precision_matmul_fwd(x, kernel, n_in)[0]
+
+
+def _low_precision_matmul_fwd(x, kernel, n_in):
+  k = kernel.astype(x.dtype)
+  y = jax.lax.dot_general(x, k, _dims(range(x.ndim - n_in, x.ndim), range(n_in)),
+                          preferred_element_type=jnp.float32)
+  return y.astype(x.dtype), (x, k)
+
+
+def _low_precision_matmul_bwd(n_in, residuals, g):
+  x, k = residuals
+  batch, n_out = x.ndim - n_in, k.ndim - n_in
+  dx = jax.lax.dot_general(g, k, _dims(range(batch, batch + n_out), range(n_in, k.ndim)),
+                           preferred_element_type=jnp.float32)
+  dk = jax.lax.dot_general(x, g, _dims(range(batch), range(batch)), preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dk
+
+
+low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
 class Dense(nn.Module):
   """y = x . kernel (+ bias): contracts the trailing `len(in_axes)` dims of x with a float32 kernel of Flax
   layout [*in, *features], whose dims are named by `axes`; the bias (shape `features`) takes the trailing names.
@@ -59,7 +95,10 @@ class Dense(nn.Module):
     shape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
     kernel = self.param("kernel", logical(init, self.axes), shape, jnp.float32)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if jnp.dtype(self.dtype) == jnp.float32:
+      y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+    else:
+      y = low_precision_matmul(x.astype(self.dtype), kernel, n_in)
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros_init(), self.axes[n_in:]), self.features, jnp.float32)
       y = y + bias.astype(self.dtype)
