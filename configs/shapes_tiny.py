@@ -32,7 +32,7 @@ def get_config() -> Config:
                   lr=2e-3, **common),
       StageConfig(name="align", steps=150, batch_size=32, trainable=("projector/.*",), task="caption",
                   lr=2e-3, **common),
-      StageConfig(name="instruct", steps=600, batch_size=32, trainable=("projector/.*", "decoder/.*"),
+      StageConfig(name="instruct", steps=800, batch_size=32, trainable=("projector/.*", "decoder/.*"),
                   task="conversation", lr=1e-3, **common),
   )
   return Config(name="shapes_tiny", seed=0, model=model, mesh=MeshConfig(data=-1), data=data,
