@@ -173,11 +173,11 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
   if loss == "contrastive":
     c = m.contrastive
     texts = batch_size * (1 + c.hard_negatives)
+    t.encoder("contrastive.text", "contrastive_text", f"contrastive/text/{layers}", texts * c.max_text_len,
+              c.max_text_len, c.width, c.mlp_dim, c.depth)
     if c.similarity == "token":  # no pooling: every patch and every text token is projected and compared
       t.add("contrastive.image_proj", "contrastive_image", "contrastive/image_proj/kernel", features, v.width,
             c.embed_dim)
-      t.encoder("contrastive.text", "contrastive_text", f"contrastive/text/{layers}", texts * c.max_text_len,
-                c.max_text_len, c.width, c.mlp_dim, c.depth)
       t.add("contrastive.text_proj", "contrastive_text", "contrastive/text_proj/kernel", texts * c.max_text_len,
             c.width, c.embed_dim)
       pairs = batch_size * (batch_size + c.hard_negatives)  # [B, B] similarity matrix + each image's negatives
@@ -195,8 +195,6 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
     t.add("contrastive.pool.fc2", "contrastive_image", f"{pool}/mlp/fc2/kernel", batch_size, v.mlp_dim, v.width)
     t.add("contrastive.image_proj", "contrastive_image", "contrastive/image_proj/kernel", batch_size, v.width,
           c.embed_dim)
-    t.encoder("contrastive.text", "contrastive_text", f"contrastive/text/{layers}", texts * c.max_text_len,
-              c.max_text_len, c.width, c.mlp_dim, c.depth)
     t.add("contrastive.text_proj", "contrastive_text", "contrastive/text_proj/kernel", texts, c.width,
           c.embed_dim)
     t.add("contrastive.logits", "contrastive_logits", None, batch_size, c.embed_dim, batch_size)

@@ -91,16 +91,16 @@ def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, r
   stop ids are not drawn as tokens 0 .. min_new_tokens - 1."""
   batch = first_logits.shape[0]
   stops = jnp.asarray(stop_ids, jnp.int32)
-  ids = jnp.arange(first_logits.shape[-1])
-  known = ids < vocab_size
-  stop_column = jnp.any(ids[:, None] == stops[None, :], axis=-1)
+
+  def is_stop(ids):
+    return jnp.any(ids[:, None] == stops[None, :], axis=-1)
+
+  vocab = jnp.arange(first_logits.shape[-1])
+  known, stop_column = vocab < vocab_size, is_stop(vocab)
 
   def next_token(logits, i):
     allowed = known & ~(stop_column & (i < min_new_tokens))
     return sample(jnp.where(allowed, logits, -jnp.inf), jax.random.fold_in(rng, i), sampling)
-
-  def is_stop(ids):
-    return jnp.any(ids[:, None] == stops[None, :], axis=-1)
 
   first = next_token(first_logits, 0)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)

@@ -102,18 +102,14 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
   loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
   over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder)."""
   if stage.loss == "contrastive":
-    text_ids, text_mask, negatives = batch["text_ids"], batch["text_mask"], None
-    b, k = text_ids.shape[0], model.config.contrastive.hard_negatives
-    if k:  # one text-tower call over the captions and their hard negatives: [B + B * K, L]
-      length = text_ids.shape[1]
-      text_ids = jnp.concatenate([text_ids, batch["negative_text_ids"].reshape(b * k, length)])
-      text_mask = jnp.concatenate([text_mask, batch["negative_text_mask"].reshape(b * k, length)])
-    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], text_ids, text_mask,
+    b, k = batch["text_ids"].shape[0], model.config.contrastive.hard_negatives
+    negative_mask = batch["negative_text_mask"] if k else None
+    # One text-tower call over the captions and their hard negatives: [B + B * K, L].
+    flat = lambda key: jnp.concatenate([batch[f"text_{key}"]] + ([batch[f"negative_text_{key}"].reshape(
+        b * k, -1)] if k else []))
+    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], flat("ids"), flat("mask"),
                                            method=vlm.VLM.contrastive_embeddings, rngs={"dropout": rng})
-    negative_mask = None
-    if k:
-      text, negatives = text[:b], text[b:].reshape(b, k, *text.shape[1:])
-      negative_mask = batch["negative_text_mask"]
+    text, negatives = text[:b], (text[b:].reshape(b, k, *text.shape[1:]) if k else None)
     masks = dict(negative_valid=batch.get("negative_valid"), text_mask=batch["text_mask"],
                  negative_mask=negative_mask)
     if model.config.contrastive.loss == "siglip":
