@@ -1,5 +1,6 @@
 """Generation: prompts as in training, KV-cached greedy decoding equal to full recomputation, left-padded
 batches equal prompts alone, stop tokens, sampling."""
+import dataclasses
 import functools
 
 import jax
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 from fixtures_workdir import tiny_config
 
-from vlm_jax.generate import Generator, Sampling, sample
+from vlm_jax.config import MoeConfig
+from vlm_jax.generate import Generator, Sampling, decode_inputs, sample
 from vlm_jax.inputs.tokenizer import train_sentencepiece
-from vlm_jax.model.vlm import VLM, init_params
+from vlm_jax.model.vlm import VLM, init_cache, init_params
 
 SENTENCES = ["What colour is the circle?", "The red square is on the left.", "How many shapes are there? three",
              "Is there a blue star? yes", "a small green triangle at the top"] * 5
@@ -114,6 +116,40 @@ def test_greedy_with_cache_equals_full_recomputation_and_batch_equals_alone():
     assert alone.token_ids == want
     assert alone.text == tok.decode(want)
   assert len({tuple(e) for e in expected}) == 3  # the rows really differ
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(dtype="bfloat16"),  # the decode loop casts the weights to bf16 once, as every step would
+    dict(moe=MoeConfig(num_experts=4, experts_per_token=2, every_n_layers=2)),  # scanned groups -> layers_i
+    dict(scan_layers=False),
+])
+def test_decode_loop_equals_full_recomputation(overrides):
+  """The decode loop runs the decoder unscanned with pre-cast weights (generate.decode_inputs): its greedy
+  tokens still equal the plain (scanned, float32-param) forward pass of the same model."""
+  config, _, tok = setup()
+  moe = overrides.pop("moe", None)
+  model = dataclasses.replace(config.model, **overrides)
+  if moe is not None:
+    model = dataclasses.replace(model, decoder=dataclasses.replace(model.decoder, num_layers=4, moe=moe))
+  config = dataclasses.replace(config, model=model)
+  params = init_params(model, jax.random.key(7))
+  gen = Generator(config, params, tok)
+  expected = [reference(gen, params, ims, prompt, 6) for ims, prompt in REQUESTS]
+  assert [len(e) for e in expected] == [6, 6, 6]
+  assert [r.token_ids for r in gen.generate(REQUESTS, max_new_tokens=6)] == expected
+
+
+def test_decode_inputs_split_layers_and_cast_weights():
+  config, params, _ = setup()
+  bf16 = dataclasses.replace(config.model, dtype="bfloat16")
+  cache = init_cache(bf16, 2, 8)
+  model, decoder_params, decoder_cache = decode_inputs(bf16, params, cache)
+  assert not model.scan_layers and set(decoder_params) == {"decoder"}
+  layer = decoder_params["decoder"]["layers_1"]["mlp"]["up"]["kernel"]
+  assert layer.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(layer, params["decoder"]["layers"]["mlp"]["up"]["kernel"][1].astype(jnp.bfloat16))
+  assert decoder_cache["decoder"]["layers_0"]["attn"]["key"].shape == (
+      cache["decoder"]["layers"]["attn"]["key"].shape[1:])
 
 
 def test_rows_and_prompt_lengths_are_bucketed():

@@ -145,6 +145,18 @@ def decoder_layers(config: DecoderConfig, dtype: Any, *, decode: bool, scanned: 
   return run
 
 
+def unscanned(tree: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
+  """A scanned decoder's subtree (params or cache: `layers` with a leading axis) in the unscanned layout
+  (`layers_0` ... `layers_{L-1}`); global layer g * n + j of an interleaved-MoE scan is group g's `layers_j`."""
+  tree = dict(tree)
+  stacked, n = tree.pop("layers"), config.moe.every_n_layers if config.moe.num_experts else 1
+  for g in range(config.num_layers // n):
+    group = jax.tree.map(lambda a, g=g: a[g], stacked)
+    for j in range(n):
+      tree[f"layers_{g * n + j}"] = group if n == 1 else group[f"layers_{j}"]
+  return tree
+
+
 class Decoder(nn.Module):
   config: DecoderConfig
   dtype: Any = jnp.float32
