@@ -21,7 +21,9 @@ def get_config() -> Config:
       # differ mostly by colour, which the towers learn first and then stop.
       contrastive=ContrastiveConfig(enabled=True, loss="clip", width=128, depth=2, num_heads=4, mlp_dim=512,
                                     embed_dim=128, max_text_len=32, hard_negatives=2),
-      image_token_id=4, dtype="float32", scan_layers=True, remat="none")
+      # bf16 compute (f32 params, f32 accumulation) and unscanned layers: the fastest on XLA:CPU (an instruct
+      # step 0.44 s f32 scanned -> 0.17 s), so the same minutes buy 2.5x the steps.
+      image_token_id=4, dtype="bfloat16", scan_layers=False, remat="none")
   data = DataConfig(data_dir="runs/tensorflow_datasets", tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=512),
                     seq_len=96, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
   common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
@@ -32,7 +34,7 @@ def get_config() -> Config:
                   lr=2e-3, **common),
       StageConfig(name="align", steps=150, batch_size=32, trainable=("projector/.*",), task="caption",
                   lr=2e-3, **common),
-      StageConfig(name="instruct", steps=800, batch_size=32, trainable=("projector/.*", "decoder/.*"),
+      StageConfig(name="instruct", steps=2400, batch_size=32, trainable=("projector/.*", "decoder/.*"),
                   task="conversation", lr=1e-3, **common),
   )
   return Config(name="shapes_tiny", seed=0, model=model, mesh=MeshConfig(data=-1), data=data,

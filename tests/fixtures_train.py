@@ -11,7 +11,8 @@ TINY = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.dep
         "model.decoder.num_layers=1", "model.decoder.num_heads=2", "model.decoder.num_kv_heads=2",
         "model.decoder.mlp_dim=64", "model.contrastive.width=16", "model.contrastive.depth=1",
         "model.contrastive.num_heads=2", "model.contrastive.mlp_dim=32", "model.contrastive.embed_dim=16",
-        "model.contrastive.max_text_len=8", "model.contrastive.hard_negatives=0"]  # hand-built batches: no negatives
+        "model.contrastive.max_text_len=8", "model.contrastive.hard_negatives=0",  # hand-built batches: no negatives
+        "model.dtype=float32", "model.scan_layers=True"]  # the tests' tolerances are float32 ones; scan is the TPU path
 
 
 def tiny_config(name: str = "shapes_tiny", overrides: tuple[str, ...] | list[str] = ()) -> config_lib.Config:

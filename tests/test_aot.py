@@ -131,7 +131,7 @@ def test_shapes_moe_experts_shard_over_the_expert_axis_on_v5e_2x4():
   """The MoE demo model on 8 v5e chips as data 4 x expert 2: the compiled step takes each expert weight (and its
   Adam moments) split over `expert` along the expert dim (2 of 4 experts per device); the state is otherwise
   replicated, so per device it is the replicated state less half the expert bytes."""
-  cfg = config.load("shapes_moe", ["mesh.expert=2"])
+  cfg = config.load("shapes_moe", ["mesh.expert=2", "model.scan_layers=true"])  # TPU runs scan the layers
   r = aot.aot_report(cfg, "v5e:2x4", "instruct", prefill=False)
   assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1, "expert": 2, "tensor": 1} and r["batch_size"] == 32
   (state, _), _ = r["programs"]["train_step"]["compiled"].input_shardings

@@ -113,7 +113,7 @@ def test_our_moe_model_exports_and_matches_hf(tokenizer_dir, tmp_path):
                "model.vision.width=32", "model.vision.depth=2", "model.vision.num_heads=2", "model.vision.mlp_dim=64",
                "model.decoder.width=64", "model.decoder.num_layers=2", "model.decoder.num_heads=4",
                "model.decoder.num_kv_heads=2", f"model.decoder.vocab_size={tok.vocab_size}",
-               "model.decoder.moe.expert_mlp_dim=48", "model.decoder.max_seq_len=256"]
+               "model.decoder.moe.expert_mlp_dim=48", "model.decoder.max_seq_len=256", "model.dtype=float32"]
   cfg = config_lib.load("shapes_moe", overrides).model
   params = jax.device_get(vlm.init_params(cfg, jax.random.PRNGKey(3)))
   out = export.export(params, cfg, tokenizer_dir, tmp_path / "export")

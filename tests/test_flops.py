@@ -14,10 +14,12 @@ WIDE = ["model.scan_layers=false", "model.vision.width=256", "model.vision.mlp_d
         "model.vision.num_heads=4", "model.decoder.width=256", "model.decoder.num_heads=4",
         "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=768", "model.decoder.num_layers=2",
         "model.decoder.vocab_size=1024", "model.contrastive.width=256", "model.contrastive.mlp_dim=1024",
-        "model.contrastive.embed_dim=128", "model.contrastive.depth=1", "model.contrastive.hard_negatives=0"]
+        "model.contrastive.embed_dim=128", "model.contrastive.depth=1", "model.contrastive.hard_negatives=0",
+        "model.dtype=float32"]
 B, S, N = 2, 128, 2
 # shapes_tiny's sizes with the LLaVA projector pinned, so the hand-written numbers below stay put.
-TINY = ["model.projector.kind=mlp", "model.projector.act=gelu", "model.vision.feature_layer=-1"]
+TINY = ["model.projector.kind=mlp", "model.projector.act=gelu", "model.vision.feature_layer=-1", "model.scan_layers=True",
+        "model.dtype=float32"]
 
 
 def test_hand_computed_terms():

@@ -290,7 +290,7 @@ def test_config_validation():
   with pytest.raises(config.ConfigError, match="experts_per_token=5 must be in"):
     config.load("shapes_moe", ["model.decoder.moe.experts_per_token=5"])
   with pytest.raises(config.ConfigError, match="every_n_layers=2 must divide num_layers=3 with scan_layers"):
-    config.load("shapes_moe", ["model.decoder.moe.every_n_layers=2"])
+    config.load("shapes_moe", ["model.decoder.moe.every_n_layers=2", "model.scan_layers=true"])
   cfg = config.load("shapes_moe", ["model.decoder.moe.every_n_layers=2", "model.scan_layers=false"])
   assert [cfg.model.decoder.is_moe_layer(i) for i in range(3)] == [False, True, False]
   with pytest.raises(config.ConfigError, match="not divisible by the expert mesh axis"):

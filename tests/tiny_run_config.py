@@ -9,7 +9,7 @@ from vlm_jax import config as config_lib
 TINY = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.num_heads=2",
         "model.vision.mlp_dim=32", "model.decoder.width=32", "model.decoder.num_layers=1",
         "model.decoder.num_heads=2", "model.decoder.num_kv_heads=2", "model.decoder.mlp_dim=64",
-        "data.seq_len=64", "mesh.data=-1"]
+        "data.seq_len=64", "mesh.data=-1", "model.dtype=float32", "model.scan_layers=True"]
 
 
 def get_config() -> config_lib.Config:

@@ -81,8 +81,9 @@ def compile_seconds(config: Config, stage: StageConfig, mesh: Any, batch_size: i
 
 
 def with_layers(config: Config, num_layers: int) -> Config:
+  """The config with a decoder this deep, scanned (the compile-time comparison measures what scan buys)."""
   decoder = dataclasses.replace(config.model.decoder, num_layers=num_layers)
-  return dataclasses.replace(config, model=dataclasses.replace(config.model, decoder=decoder))
+  return dataclasses.replace(config, model=dataclasses.replace(config.model, decoder=decoder, scan_layers=True))
 
 
 def time_generation(config: Config, params: Any, tokenizer: Tokenizer, batch: dict[str, np.ndarray],
