@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from vlm_jax.config import DecoderConfig
-from vlm_jax.model.attention import apply_rope, make_attention_mask
+from vlm_jax.model import attention
+from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
 from vlm_jax.model.decoder import Decoder
 
 CFG = DecoderConfig(vocab_size=64, width=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -56,6 +57,29 @@ def _restack(params, num_layers):
   params = dict(params)
   params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params.pop(f"layers_{i}") for i in range(num_layers)])
   return params
+
+
+def test_causal_blocks_equal_dense_attention():
+  """causal=True (query blocks against the keys up to their own end) gives dense attention's output and
+  gradients, with packed segments and padding in the rows; S = 3 blocks."""
+  b, s, h, kv, d = 2, 3 * attention.CAUSAL_BLOCK, 4, 2, 8
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, s, h, d), (b, s, kv, d), (b, s, kv, d)))
+  segments = np.ones((b, s), np.int32)
+  segments[0, 100:] = 2  # two packed sequences
+  segments[1, 300:] = 0  # right padding
+  mask = make_attention_mask(jnp.asarray(segments), jnp.asarray(segments))
+
+  def loss(q, k, v, causal):
+    out = dot_product_attention(q, k, v, mask, causal=causal)
+    return jnp.sum(jnp.where(segments[:, :, None, None] > 0, out, 0) ** 2), out
+  (dense_loss, dense), dense_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
+  (blocked_loss, blocked), blocked_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, True)
+  valid = segments > 0
+  np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(dense)[valid], atol=1e-5)
+  np.testing.assert_allclose(blocked_loss, dense_loss, rtol=1e-5)
+  for got, want in zip(blocked_grads, dense_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_scan_equals_loop():

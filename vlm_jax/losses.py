@@ -10,13 +10,18 @@ IGNORE_ID = -100  # label of positions that carry no loss (HF convention)
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits [B, S, V], labels int [B, S] at the same positions as input_ids (HF: logits[:, t] predicts
-  labels[:, t + 1]) -> (summed NLL f32 [], number of scored tokens int32 []). Labels == IGNORE_ID are skipped."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
+  labels[:, t + 1]) -> (summed NLL f32 [], number of scored tokens int32 []). Labels == IGNORE_ID are skipped.
+
+  NLL = logsumexp(logits) - the target's logit, the target's logit picked by comparing a vocab iota with the
+  target: unlike slicing off the last position and gathering from log_softmax, nothing [B, S, V] is copied,
+  and the gradient (softmax - one-hot) is elementwise, with no scatter into a zeroed [B, S, V] buffer."""
+  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_ID)], axis=1)
   valid = targets != IGNORE_ID
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-  return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+  logits = logits.astype(jnp.float32)
+  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+  nll = jax.nn.logsumexp(logits, axis=-1) - picked
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
 def similarity(image: jax.Array, text: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:

@@ -70,7 +70,7 @@ class Attention(nn.Module):
       k = constrain(k, ("act_batch", None, "act_kv_heads", None))
       v = constrain(v, ("act_batch", None, "act_kv_heads", None))
       cached_key.value, cached_value.value = k, v
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask, causal=not self.decode)
     return dense(c.width, ("heads", "head_dim", "embed"), num_in=2, name="o_proj", dtype=self.dtype,
                  use_bias=False)(out)
 
