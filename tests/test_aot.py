@@ -82,7 +82,7 @@ def test_shapes_tiny_on_v5e_2x2():
 def test_out_of_hbm_is_reported_not_raised(monkeypatch, capsys):
   """A 64k vocabulary at batch 4096 needs ~80 GB of logits per v5e chip: XLA refuses, the report says so,
   and `vlm-jax aot` (main) exits 1."""
-  cfg = config.load("shapes_tiny", ["model.decoder.vocab_size=65536", "model.vision.depth=1",
+  cfg = config.load("shapes_tiny", ["model.decoder.vocab_size=65536", "model.vision.depth=1", "model.dtype=float32",
                                     "model.decoder.num_layers=1"])
   r = aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=4096, prefill=False)
   train = r["programs"]["train_step"]
