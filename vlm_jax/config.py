@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import importlib.util
 import pathlib
-import types
 import typing
 from typing import Any
 
