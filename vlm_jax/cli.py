@@ -170,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_import_hf)
 
   p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
-  p.add_argument("--config", default="shapes_tiny")
-  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-  p.add_argument("--workdir", default="runs/demo")
+  p.add_argument("--config", default="shapes_tiny", help="config name in configs/ or a .py path (default: %(default)s)")
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                 help="config overrides, e.g. train.stages.instruct.steps=400")
+  p.add_argument("--workdir", default="runs/demo",
+                 help="output dir; re-running resumes and skips finished stages (default: %(default)s)")
   p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test records")
   p.add_argument("--no-export", action="store_true", help="skip the transformers export step")
   p.set_defaults(fn=cmd_demo)
