@@ -28,8 +28,10 @@ def get_config() -> Config:
                     seq_len=96, max_tiles=2, image_splitting=False, packing=False, padding_side="right")
   common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
   stages = (
+      # lr 5e-4, not 2e-3: with bf16 compute the contrastive loss ends lower (1.45 vs 1.64) and the ViT keeps more
+      # of the shapes' kind (demo: shape 0.28 vs 0.22, overall 0.483 vs 0.475).
       StageConfig(name="vision_pretrain", steps=300, batch_size=64, trainable=("vision/.*", "contrastive/.*"),
-                  loss="contrastive", task="image_text", lr=2e-3, **common),
+                  loss="contrastive", task="image_text", lr=5e-4, **common),
       StageConfig(name="text_pretrain", steps=200, batch_size=32, trainable=("decoder/.*",), task="text",
                   lr=2e-3, **common),
       StageConfig(name="align", steps=150, batch_size=32, trainable=("projector/.*",), task="caption",
