@@ -92,7 +92,8 @@ def decode_inputs(model: ModelConfig, params: Any, cache: Any) -> tuple[ModelCon
     return leaf if keep else leaf.astype(dtype)
   decoder = jax.tree_util.tree_map_with_path(cast, params["decoder"])
   if model.scan_layers:
-    decoder, cache = unscanned(decoder, model.decoder), {**cache, "decoder": unscanned(cache["decoder"], model.decoder)}
+    decoder = unscanned(decoder, model.decoder)
+    cache = {**cache, "decoder": unscanned(cache["decoder"], model.decoder)}
     model = dataclasses.replace(model, scan_layers=False)
   return model, {"decoder": decoder}, cache
 
