@@ -135,7 +135,9 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: x [..., features] -> [..., num_embeddings]."""
-    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+    if jnp.dtype(self.dtype) == jnp.float32:
+      return jnp.einsum("...d,vd->...v", x, self.embedding)
+    return low_precision_matmul(x.astype(self.dtype), self.embedding.T, 1)
 
 
 class RMSNorm(nn.Module):
