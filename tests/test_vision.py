@@ -133,3 +133,27 @@ def test_fuyu_linear_patch_embedding():
       patch = pixels[0, i * 8:(i + 1) * 8, j * 8:(j + 1) * 8, :].reshape(-1)
       expected = patch @ params["patch_embed"]["kernel"] + params["patch_embed"]["bias"]
       np.testing.assert_allclose(out[0, i * 2 + j], expected, atol=1e-5)
+
+
+def test_sincos2d_pos_embed_init():
+  """pos_embed_init='sincos2d' starts the learned table at [sin(col f), cos(col f), sin(row f), cos(row f)]
+  with f = 10000^(-i / (W/4 - 1)), patches row-major; CLIP's CLS row starts at zero."""
+  cfg = _config("siglip", width=8, pos_embed_init="sincos2d")  # 4x4 patches, frequencies (1, 1e-4)
+  pixels = np.zeros((1, 16, 16, 3), np.float32)
+  table = np.asarray(nn.unbox(VisionEncoder(cfg, scan_layers=False).init(jax.random.key(0), pixels)["params"])["pos_embed"])
+  assert table.shape == (16, 8)
+  row, col = 2, 3
+  f = np.array([1.0, 1e-4])
+  want = np.concatenate([np.sin(col * f), np.cos(col * f), np.sin(row * f), np.cos(row * f)])
+  np.testing.assert_allclose(table[row * 4 + col], want, rtol=1e-6)
+  np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=0)
+  clip = _config("clip", width=8, pos_embed_init="sincos2d")
+  clip_table = np.asarray(nn.unbox(VisionEncoder(clip, scan_layers=False).init(jax.random.key(0), pixels)["params"])["pos_embed"])
+  np.testing.assert_array_equal(clip_table[0], np.zeros(8))
+  np.testing.assert_array_equal(clip_table[1:], table)
+
+
+def test_sincos2d_needs_width_divisible_by_4():
+  cfg = _config("siglip", width=6, num_heads=2, pos_embed_init="sincos2d")
+  with pytest.raises(ValueError, match="divisible by 4, got 6"):
+    VisionEncoder(cfg, scan_layers=False).init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))

@@ -40,6 +40,9 @@ class VisionConfig:
   # as in LLaVA's `vision_feature_layer`.
   feature_layer: int = -1
   select_strategy: str = "full"  # full | default (drop CLS), LLaVA's vision_feature_select_strategy
+  # Init of the (learned) position embedding: 'normal' (std width^-0.5) or 'sincos2d' (big_vision's fixed 2-D
+  # sin/cos table, as large as the patch embeddings, so patch features keep where they are).
+  pos_embed_init: str = "normal"
   post_layernorm: bool = False  # apply post_layernorm to the selected features (Idefics3 does)
   image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
   image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -249,6 +252,7 @@ _CHOICES = {
     "model.vision.kind": ("siglip", "clip", "none"),
     "model.vision.act": ("gelu_tanh", "quick_gelu", "gelu"),
     "model.vision.select_strategy": ("full", "default"),
+    "model.vision.pos_embed_init": ("normal", "sincos2d"),
     "model.projector.kind": ("mlp", "pixel_shuffle"),
     "model.projector.act": ("gelu", "gelu_tanh", "quick_gelu", "relu"),
     "model.contrastive.loss": ("clip", "siglip"),

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.config import VisionConfig
 from vlm_jax.model.attention import dot_product_attention
@@ -78,6 +79,33 @@ def resolve_feature_layer(feature_layer: int, depth: int) -> int:
   return index
 
 
+def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """float32 [grid * grid, width]: for the patch at (row, col), row-major, width/4 frequencies
+  temperature^(-i / (width/4 - 1)), then [sin(col f), cos(col f), sin(row f), cos(row f)] (big_vision's
+  `posemb_sincos_2d` layout)."""
+  if width % 4:
+    raise ValueError(f"pos_embed_init='sincos2d' needs a vision width divisible by 4, got {width}.")
+  quarter = width // 4
+  freqs = temperature ** -(np.arange(quarter) / max(quarter - 1, 1))
+  rows, cols = np.mgrid[:grid, :grid]
+  col_angles = cols.reshape(-1, 1) * freqs
+  row_angles = rows.reshape(-1, 1) * freqs
+  return np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles), np.cos(row_angles)],
+                        axis=1).astype(np.float32)
+
+
+def sincos2d_init(c: VisionConfig):
+  """Initializer of the pos_embed param [num_positions, width]: the sincos2d table (a zero row first for CLIP's
+  CLS token)."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    table = sincos2d(c.image_size // c.patch_size, c.width)
+    if shape[0] == table.shape[0] + 1:
+      table = np.concatenate([np.zeros((1, c.width), np.float32), table])
+    return jnp.asarray(table, dtype)
+  return init
+
+
 class VisionEncoder(nn.Module):
   """pixels [B, H, W, C] (normalized, NHWC) -> features [B, config.tokens_per_image, width]."""
   config: VisionConfig
@@ -106,8 +134,9 @@ class VisionEncoder(nn.Module):
     if is_clip:
       cls = self.param("cls_token", logical(nn.initializers.normal(0.02), ("vision_embed",)), (width,), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
-    pos = self.param("pos_embed", logical(nn.initializers.normal(width ** -0.5), ("positions", "vision_embed")),
-                     (c.num_positions, width), jnp.float32)
+    pos_init = sincos2d_init(c) if c.pos_embed_init == "sincos2d" else nn.initializers.normal(width ** -0.5)
+    pos = self.param("pos_embed", logical(pos_init, ("positions", "vision_embed")), (c.num_positions, width),
+                     jnp.float32)
     x = constrain(x + pos.astype(self.dtype), ACT_AXES)
     if is_clip:
       x = LayerNorm(c.layer_norm_eps, self.dtype, name="pre_layernorm")(x)
