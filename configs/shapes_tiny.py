@@ -22,8 +22,11 @@ def get_config() -> Config:
                             rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=256),
       # Hard negatives (the caption with the kind or the position of one shape changed): in-batch captions
       # differ mostly by colour, which the towers learn first and then stop.
+      # image_pool gap: the image embedding is the projected mean of the patch features, so what the captions
+      # say must be linear in the patches the projector reads (contrastive loss 0.89 vs 1.20 with MAP; position
+      # 0.49 vs 0.41, overall 0.516 vs 0.501 at 800 instruct steps on 300 test records).
       contrastive=ContrastiveConfig(enabled=True, loss="clip", width=128, depth=2, num_heads=4, mlp_dim=512,
-                                    embed_dim=128, max_text_len=32, hard_negatives=2),
+                                    embed_dim=128, max_text_len=32, hard_negatives=2, image_pool="gap"),
       # bf16 compute (f32 params, f32 accumulation) and unscanned layers: the fastest on XLA:CPU (an instruct
       # step 0.44 s f32 scanned -> 0.17 s), so the same minutes buy 2.5x the steps.
       image_token_id=4, dtype="bfloat16", scan_layers=False, remat="none")

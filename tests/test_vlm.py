@@ -132,6 +132,22 @@ def test_contrastive_embeddings():
   np.testing.assert_allclose(np.asarray(txt2), np.asarray(txt), atol=1e-6)
 
 
+def test_contrastive_gap_pool_is_the_projected_mean_of_patch_features():
+  """image_pool='gap': image embedding = normalize(mean over patches of the ViT features . image_proj + bias)."""
+  cfg = ModelConfig(**{**TINY.__dict__, "contrastive": ContrastiveConfig(
+      enabled=True, width=16, depth=1, num_heads=2, mlp_dim=32, embed_dim=8, max_text_len=6, image_pool="gap")})
+  params = _params(cfg)
+  assert "image_pool" not in params["contrastive"]
+  pixels = random_pixels(2, 1, seed=4)[:, 0]
+  text = np.array([[5, 6, 7, 0, 0, 0], [5, 9, 0, 0, 0, 0]], np.int32)
+  img, _, _, _ = jit_apply(cfg, method=VLM.contrastive_embeddings)({"params": params}, pixels, text, text > 0)
+  features = jit_apply(cfg, method=lambda m, x: m.vision(x))({"params": params}, pixels)  # [2, 4, 16]
+  proj = params["contrastive"]["image_proj"]
+  want = np.asarray(features).mean(1) @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"])
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(img), want, atol=1e-5)
+
+
 def test_bfloat16_close_to_float32():
   cfg = ModelConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
   params = _params()

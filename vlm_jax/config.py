@@ -134,6 +134,9 @@ class ContrastiveConfig:
   # global: one pooled (MAP) embedding per image and per text | token: per-patch and per-token embeddings
   # compared by late interaction (losses.similarity)
   similarity: str = "global"
+  # global similarity's image pooling: map (big_vision's attention pooling + MLP) | gap (the mean of the patch
+  # features, so the image embedding is linear in them and what the text asks for must be linear in the patches)
+  image_pool: str = "map"
   init_temperature: float = 10.0  # logit scale starts at log(init_temperature)
   init_bias: float = -10.0  # SigLIP only
 
@@ -253,6 +256,7 @@ _CHOICES = {
     "model.vision.act": ("gelu_tanh", "quick_gelu", "gelu"),
     "model.vision.select_strategy": ("full", "default"),
     "model.vision.pos_embed_init": ("normal", "sincos2d"),
+    "model.contrastive.image_pool": ("map", "gap"),
     "model.projector.kind": ("mlp", "pixel_shuffle"),
     "model.projector.act": ("gelu", "gelu_tanh", "quick_gelu", "relu"),
     "model.contrastive.loss": ("clip", "siglip"),

@@ -54,8 +54,12 @@ class Contrastive(nn.Module):
   def __call__(self, image_features, text_ids, text_mask):
     c = self.config
     tokens = c.similarity == "token"  # per-patch / per-token embeddings, no pooling
-    image = image_features if tokens else MAPHead(self.vision.num_heads or 1, self.vision.mlp_dim, self.dtype,
-                                                  name="image_pool")(image_features)
+    if tokens:
+      image = image_features
+    elif c.image_pool == "gap":
+      image = jnp.mean(image_features.astype(jnp.float32), axis=1).astype(self.dtype)
+    else:
+      image = MAPHead(self.vision.num_heads or 1, self.vision.mlp_dim, self.dtype, name="image_pool")(image_features)
     image = dense(c.embed_dim, ("vision_embed", None), name="image_proj", dtype=self.dtype)(image)
     text = TextEncoder(c, self.vocab_size, self.dtype, self.scan_layers, self.remat, name="text")(
         text_ids, text_mask, pooled=not tokens)
