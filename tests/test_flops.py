@@ -118,6 +118,7 @@ def test_llava_instruct_is_about_six_flops_per_param_per_token():
                     "model.decoder.vocab_size=128", "model.vision.width=64", "model.vision.num_heads=2"]),
     ("shapes_tiny", ["model.decoder.moe.num_experts=4"]),
     ("shapes_tiny", ["model.decoder.moe.num_experts=4", "model.decoder.moe.every_n_layers=3"]),
+    ("shapes_tiny", ["model.contrastive.image_pool=map"]),
 ])
 @pytest.mark.parametrize("scan", [True, False])
 def test_param_paths_exist_in_the_model(name, overrides, scan):
@@ -183,8 +184,10 @@ def test_train_step_matches_xla_gradients(stage):
   assert ours + 3 * dense_half == pytest.approx(xla, rel=0.03)  # the masked half of attention, fwd + bwd
 
 
-def test_contrastive_matches_xla_gradients():
-  cfg, model, params = _wide_model()
+@pytest.mark.parametrize("pool", ["map", "gap"])
+def test_contrastive_matches_xla_gradients(pool):
+  cfg = config.load("shapes_tiny", WIDE + [f"model.contrastive.image_pool={pool}"])
+  model, (params, _) = vlm_lib.VLM(cfg.model), vlm_lib.abstract_params(cfg.model)
   st = cfg.train.stage("vision_pretrain")
   length = cfg.model.contrastive.max_text_len
   pixels = jnp.zeros((B * 4, 1, 48, 48, 3))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from vlm_jax.config import Config, StageConfig
+from vlm_jax.config import Config, StageConfig, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +107,9 @@ def _block_params(cfg: Config) -> dict[str, tuple[str, ...]]:
           "attn_norm/scale", "attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel",
           "attn/o_proj/kernel", "mlp_norm/scale")) + mlp_params,
       "lm_head": ("decoder/final_norm/scale", head),
-      "contrastive_image": tuple(f"contrastive/image_pool/{p}" for p in (
+      "contrastive_image": (tuple(f"contrastive/image_pool/{p}" for p in (
           "probe", "q/kernel", "k/kernel", "v/kernel", "out/kernel", "ln/scale", "mlp/fc1/kernel",
-          "mlp/fc2/kernel")) + ("contrastive/image_proj/kernel",),
+          "mlp/fc2/kernel")) if cfg.model.contrastive.image_pool == "map" else ()) + ("contrastive/image_proj/kernel",),
       "contrastive_text": ("contrastive/text/embed/embedding", "contrastive/text/pos_embed",
                            "contrastive/text/final_norm/scale", "contrastive/text_proj/kernel") + tuple(
           f"contrastive/text/{layers}/{p}" for p in encoder_block),
@@ -143,6 +143,19 @@ class _Terms:
     self.add(f"{prefix}.attn.values", block, None, rows, length, width, count)
     self.add(f"{prefix}.mlp.fc1", block, f"{params}/mlp/fc1/kernel", rows, width, mlp_dim, count)
     self.add(f"{prefix}.mlp.fc2", block, f"{params}/mlp/fc2/kernel", rows, mlp_dim, width, count)
+
+
+def _map_pool(t: _Terms, v: VisionConfig, batch_size: int, features: int) -> None:
+  """The MAP head of image_pool='map': a learned probe attends over the patches, then a residual MLP."""
+  pool = "contrastive/image_pool"
+  t.add("contrastive.pool.q", "contrastive_image", f"{pool}/q/kernel", batch_size, v.width, v.width)
+  for proj in ("k", "v"):
+    t.add(f"contrastive.pool.{proj}", "contrastive_image", f"{pool}/{proj}/kernel", features, v.width, v.width)
+  t.add("contrastive.pool.scores", "contrastive_image", None, batch_size, v.width, v.tokens_per_image)
+  t.add("contrastive.pool.values", "contrastive_image", None, batch_size, v.tokens_per_image, v.width)
+  t.add("contrastive.pool.out", "contrastive_image", f"{pool}/out/kernel", batch_size, v.width, v.width)
+  t.add("contrastive.pool.fc1", "contrastive_image", f"{pool}/mlp/fc1/kernel", batch_size, v.width, v.mlp_dim)
+  t.add("contrastive.pool.fc2", "contrastive_image", f"{pool}/mlp/fc2/kernel", batch_size, v.mlp_dim, v.width)
 
 
 def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles: int | None = None, *,
@@ -184,15 +197,8 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
       t.add("contrastive.logits", "contrastive_logits", None, pairs * c.max_text_len, c.embed_dim,
             v.tokens_per_image)
       return t.items
-    pool = "contrastive/image_pool"
-    t.add("contrastive.pool.q", "contrastive_image", f"{pool}/q/kernel", batch_size, v.width, v.width)
-    for proj in ("k", "v"):
-      t.add(f"contrastive.pool.{proj}", "contrastive_image", f"{pool}/{proj}/kernel", features, v.width, v.width)
-    t.add("contrastive.pool.scores", "contrastive_image", None, batch_size, v.width, v.tokens_per_image)
-    t.add("contrastive.pool.values", "contrastive_image", None, batch_size, v.tokens_per_image, v.width)
-    t.add("contrastive.pool.out", "contrastive_image", f"{pool}/out/kernel", batch_size, v.width, v.width)
-    t.add("contrastive.pool.fc1", "contrastive_image", f"{pool}/mlp/fc1/kernel", batch_size, v.width, v.mlp_dim)
-    t.add("contrastive.pool.fc2", "contrastive_image", f"{pool}/mlp/fc2/kernel", batch_size, v.mlp_dim, v.width)
+    if c.image_pool == "map":
+      _map_pool(t, v, batch_size, features)
     t.add("contrastive.image_proj", "contrastive_image", "contrastive/image_proj/kernel", batch_size, v.width,
           c.embed_dim)
     t.add("contrastive.text_proj", "contrastive_text", "contrastive/text_proj/kernel", texts, c.width,
