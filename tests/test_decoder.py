@@ -88,7 +88,8 @@ def test_bf16_attention_gradients_match_float32_autodiff():
   error 4e-3 of each tensor's largest entry)."""
   b, s, h, kv, d = 2, 16, 4, 2, 8
   rng = np.random.default_rng(1)
-  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in ((b, s, h, d), (b, s, kv, d), (b, s, kv, d)))
+  shapes = ((b, s, h, d), (b, s, kv, d), (b, s, kv, d))
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for shape in shapes)
   segments = np.ones((b, s), np.int32)
   segments[1, 11:] = 0  # right padding
   mask = make_attention_mask(jnp.asarray(segments), jnp.asarray(segments))

@@ -131,7 +131,7 @@ class ContrastiveConfig:
   # Per image, up to this many of its record's `negative_captions` join the batch's texts as extra negatives
   # (NegCLIP-style hard negatives); 0 uses none.
   hard_negatives: int = 0
-  # global: one pooled (MAP) embedding per image and per text | token: per-patch and per-token embeddings
+  # global: one pooled embedding (image_pool) per image and per text | token: per-patch and per-token embeddings
   # compared by late interaction (losses.similarity)
   similarity: str = "global"
   # global similarity's image pooling: map (big_vision's attention pooling + MLP) | gap (the mean of the patch
