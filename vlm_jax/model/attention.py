@@ -73,8 +73,8 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
   b, s, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  if q.dtype == jnp.float32:
-    out = _attention_f32(q, k, v, mask, d ** -0.5)
+  if q.dtype == jnp.float32:  # plain autodiff
+    out = _attention_forward(q, k, v, mask, d ** -0.5)[0]
   else:
     out = _attention_low_precision(q, k, v, mask, d ** -0.5)
   return out.reshape(b, s, h, d)
@@ -87,10 +87,11 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1)
 
 
-def _attention_f32(q, k, v, mask, scale):
-  """q [B, S, KV, G, D] -> [B, S, KV, G, D]; plain autodiff."""
-  logits = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
-  return jnp.einsum("bkgst,btkd->bskgd", _masked_softmax(logits, mask).astype(v.dtype), v)
+def _attention_forward(q, k, v, mask, scale):
+  """q [B, S, KV, G, D] -> (out [B, S, KV, G, D] in q's dtype, probs [B, KV, G, S, L] in q's dtype); every dot
+  takes q's dtype in and accumulates in float32."""
+  probs = _masked_softmax(_dot("bskgd,btkd->bkgst", q, k) * scale, mask).astype(q.dtype)
+  return _dot("bkgst,btkd->bskgd", probs, v).astype(q.dtype), probs
 
 
 def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -99,20 +100,21 @@ def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_low_precision(q, k, v, mask, scale):
-  """As `_attention_f32`, for bf16 q/k/v: all six matmuls (two forward, four backward) take bf16 inputs and
-  accumulate in float32, the softmax and its gradient run in float32, and the probabilities are kept in bf16
-  for the backward. Plain autodiff would run the backward dots on float32 cotangents and the P.V dot bf16 -> bf16:
-  on XLA:CPU both are 2x slower (an attention layer's forward + backward at bench_cpu's shape: 77 -> 44 ms)."""
-  return _attention_low_precision_fwd(q, k, v, mask, scale)[0]
+  """`_attention_forward` for bf16 q/k/v with a hand-written backward: all six matmuls (two forward, four
+  backward) take bf16 inputs and accumulate in float32, the softmax gradient runs in float32, and the
+  probabilities are kept in bf16 for the backward. Plain autodiff would run the backward dots on float32
+  cotangents and the P.V dot bf16 -> bf16: on XLA:CPU both are 2x slower (an attention layer's forward +
+  backward at bench_cpu's shape: 77 -> 44 ms)."""
+  return _attention_forward(q, k, v, mask, scale)[0]
 
 
 def _attention_low_precision_fwd(q, k, v, mask, scale):
-  probs = _masked_softmax(_dot("bskgd,btkd->bkgst", q, k) * scale, mask).astype(q.dtype)
-  return _dot("bkgst,btkd->bskgd", probs, v).astype(q.dtype), (q, k, v, mask, probs)
+  out, probs = _attention_forward(q, k, v, mask, scale)
+  return out, (q, k, v, probs)  # the mask is in probs already (0 at masked slots, as autodiff sees it)
 
 
 def _attention_low_precision_bwd(scale, residuals, g):
-  q, k, v, mask, probs = residuals
+  q, k, v, probs = residuals
   dv = _dot("bkgst,bskgd->btkd", probs, g)
   dprobs = _dot("bskgd,btkd->bkgst", g, v)
   p = probs.astype(jnp.float32)

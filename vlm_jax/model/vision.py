@@ -100,7 +100,7 @@ def sincos2d_init(c: VisionConfig):
   def init(key, shape, dtype=jnp.float32):
     del key
     table = sincos2d(c.image_size // c.patch_size, c.width)
-    if shape[0] == table.shape[0] + 1:
+    if c.kind == "clip":
       table = np.concatenate([np.zeros((1, c.width), np.float32), table])
     return jnp.asarray(table, dtype)
   return init
