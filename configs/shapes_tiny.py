@@ -1,8 +1,8 @@
 """The CPU default: a ~2M-param VLM trained from scratch on the synthetic shapes_vqa dataset.
 
 Offline there is no pretrained encoder or LLM, so the recipe first makes its own (contrastive ViT pretraining,
-causal-LM text pretraining), then runs the LLaVA recipe unchanged: align (projector only), instruct
-(projector + decoder, ViT frozen).
+then captioning with ViT, projector and decoder together; causal-LM text pretraining), then runs the LLaVA recipe
+unchanged: align (projector only), instruct (projector + decoder, ViT frozen).
 """
 from vlm_jax.config import (Config, ContrastiveConfig, DataConfig, DecoderConfig, MeshConfig, ModelConfig,
                             ProjectorConfig, StageConfig, TokenizerConfig, TrainConfig, VisionConfig)
@@ -38,11 +38,19 @@ def get_config() -> Config:
       # of the shapes' kind (demo: shape 0.28 vs 0.22, overall 0.483 vs 0.475).
       StageConfig(name="vision_pretrain", steps=300, batch_size=64, trainable=("vision/.*", "contrastive/.*"),
                   loss="contrastive", task="image_text", lr=5e-4, **common),
+      # CapPa-style captioning (big_vision's image captioners as vision learners): ViT, projector and decoder
+      # trained together to write the caption. Contrastive pretraining alone leaves the image tokens hard to read
+      # for a decoder trained later: its embeddings tell apart only colour and position (hard-negative accuracy
+      # kind 0.66, size 0.68, colour 0.95, position 0.90; the text tower maps a caption and its kind-swapped
+      # negative to cosine 0.95-0.997). With this stage, at 800 instruct steps on 300 test records: overall
+      # 0.656 vs 0.516, count 0.82 vs 0.53, position 0.77 vs 0.49.
+      StageConfig(name="vision_caption", steps=800, batch_size=64,
+                  trainable=("vision/.*", "projector/.*", "decoder/.*"), task="caption", lr=1e-3, **common),
       StageConfig(name="text_pretrain", steps=200, batch_size=32, trainable=("decoder/.*",), task="text",
                   lr=2e-3, **common),
       StageConfig(name="align", steps=150, batch_size=32, trainable=("projector/.*",), task="caption",
                   lr=2e-3, **common),
-      StageConfig(name="instruct", steps=2400, batch_size=32, trainable=("projector/.*", "decoder/.*"),
+      StageConfig(name="instruct", steps=1200, batch_size=32, trainable=("projector/.*", "decoder/.*"),
                   task="conversation", lr=1e-3, **common),
   )
   return Config(name="shapes_tiny", seed=0, model=model, mesh=MeshConfig(data=-1), data=data,

@@ -57,6 +57,9 @@ def test_cross_field_validation():
     config.load("shapes_tiny", ["model.decoder.num_kv_heads=4"])
   with pytest.raises(config.ConfigError, match="divisible by grad_accum"):
     config.load("shapes_tiny", ["train.stages.align.grad_accum=3"])
+  with pytest.raises(config.ConfigError, match=r"sincos2d' needs a width divisible by 4 .* got width=126; .* "
+                                               r"a width like 128"):
+    config.load("shapes_tiny", ["model.vision.width=126", "model.vision.num_heads=2"])
 
 
 def test_unknown_config_name():

@@ -308,6 +308,10 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}.")
   if v.kind != "none" and v.width % v.num_heads:
     raise ConfigError(f"model.vision.width={v.width} is not divisible by num_heads={v.num_heads}.")
+  if v.kind != "none" and v.pos_embed_init == "sincos2d" and v.width % 4:
+    raise ConfigError(f"model.vision.pos_embed_init='sincos2d' needs a width divisible by 4 (sin and cos of "
+                      f"rows and columns), got width={v.width}; use pos_embed_init='normal' or a width like "
+                      f"{v.width + 4 - v.width % 4}.")
   if d.num_heads % d.num_kv_heads:
     raise ConfigError(f"model.decoder.num_heads={d.num_heads} is not a multiple of num_kv_heads={d.num_kv_heads}.")
   if not d.head_dim and d.width % d.num_heads:
