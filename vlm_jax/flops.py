@@ -97,6 +97,9 @@ def _block_params(cfg: Config) -> dict[str, tuple[str, ...]]:
   encoder_block = ("ln1/scale", "ln1/bias", "attn/q/kernel", "attn/k/kernel", "attn/v/kernel", "attn/out/kernel",
                    "attn/q/bias", "attn/k/bias", "attn/v/bias", "attn/out/bias", "ln2/scale", "ln2/bias",
                    "mlp/fc1/kernel", "mlp/fc1/bias", "mlp/fc2/kernel", "mlp/fc2/bias")
+  map_pool = tuple(f"contrastive/image_pool/{p}" for p in (
+      "probe", "q/kernel", "k/kernel", "v/kernel", "out/kernel", "ln/scale", "mlp/fc1/kernel", "mlp/fc2/kernel")
+  ) if cfg.model.contrastive.image_pool == "map" else ()  # image_pool='gap' has no params of its own
   return {
       "vision_embed": ("vision/patch_embed/kernel", "vision/patch_embed/bias", "vision/cls_token",
                        "vision/pos_embed", "vision/pre_layernorm/scale", "vision/pre_layernorm/bias"),
@@ -107,9 +110,7 @@ def _block_params(cfg: Config) -> dict[str, tuple[str, ...]]:
           "attn_norm/scale", "attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel",
           "attn/o_proj/kernel", "mlp_norm/scale")) + mlp_params,
       "lm_head": ("decoder/final_norm/scale", head),
-      "contrastive_image": (tuple(f"contrastive/image_pool/{p}" for p in (
-          "probe", "q/kernel", "k/kernel", "v/kernel", "out/kernel", "ln/scale", "mlp/fc1/kernel",
-          "mlp/fc2/kernel")) if cfg.model.contrastive.image_pool == "map" else ()) + ("contrastive/image_proj/kernel",),
+      "contrastive_image": map_pool + ("contrastive/image_proj/kernel",),
       "contrastive_text": ("contrastive/text/embed/embedding", "contrastive/text/pos_embed",
                            "contrastive/text/final_norm/scale", "contrastive/text_proj/kernel") + tuple(
           f"contrastive/text/{layers}/{p}" for p in encoder_block),
