@@ -13,6 +13,7 @@ from fixtures_data import SHAPES_TINY, shapes_data_dir  # noqa: F401  (fixture)
 from vlm_jax import config as config_lib
 from vlm_jax import datasets
 from vlm_jax.inputs import loader
+from vlm_jax.inputs.examples import Preprocessor
 from vlm_jax.inputs.tokenizer import Tokenizer
 from vlm_jax.sharding import make_mesh
 
@@ -82,6 +83,29 @@ def test_static_shapes_per_task(data_dir, task):
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   if task in ("conversation", "caption"):
     assert batches[0]["tile_mask"][:, 0].all() and (batches[0]["input_ids"] == tok.image_id).any()
+
+
+def test_stage_row_shape_overrides_the_data_config(data_dir):
+  """A caption stage with its own short rows and one tile slot: the rows have that shape, and exactly the
+  records that do not fit (two images; captions longer than the row) are left out."""
+  cfg, stage, tok = _setup(data_dir, task="caption", seq_len=40, max_tiles=1, batch_size=8)
+  assert config_lib.row_shape(cfg, stage) == (40, 1)
+  assert config_lib.row_shape(cfg, dataclasses.replace(stage, task="text")) == (40, 0)
+  batch = next(loader.make_loader(cfg, stage, tok, process_index=0, process_count=1))
+  assert batch["input_ids"].shape == (8, 40) and batch["pixel_values"].shape == (8, 1, 48, 48, 3)
+  assert batch["tile_mask"].all() and ((batch["labels"] >= 0).sum(1) > 0).all()
+  short = Preprocessor(cfg, tok, (40, 1))
+  source = loader.data_source(SHAPES_TINY, "train", data_dir)
+  fits = [short.to_example(source[i], "caption") is not None for i in range(len(source))]
+  full = Preprocessor(cfg, tok)
+  lengths = [len(e["input_ids"]) if (e := full.to_example(source[i], "caption")) else None
+             for i in range(len(source))]
+  expected = [n is not None and n <= 40 and len(source[i]["images"]) == 1 for i, n in enumerate(lengths)]
+  assert fits == expected and 0 < sum(fits) < len(fits)
+  assert short.counts["dropped_too_many_tiles"] == sum(len(source[i]["images"]) > 1 and bool(source[i]["caption"])
+                                                      for i in range(len(source)))
+  with pytest.raises(config_lib.ConfigError, match="seq_len"):
+    config_lib.load("shapes_tiny", ["train.stages.vision_caption.seq_len=100000"])
 
 
 def test_host_batch_is_the_process_share(data_dir):

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from vlm_jax import flops as flops_lib
-from vlm_jax.config import Config, ConfigError
+from vlm_jax.config import Config, ConfigError, row_shape
 from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding, make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
@@ -149,13 +149,14 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
                seq_len: int | None = None, prefill: bool = True) -> dict[str, Any]:
   """Compiles a stage's train step (and a prefill) for a TPU topology; returns memory, FLOPs and roofline.
 
-  Defaults: the last stage, its global batch_size, data.seq_len; tiles per row = data.max_tiles.
+  Defaults: the last stage, its global batch_size and row shape (`config.row_shape`: its seq_len and tile slots,
+  else data's).
   Memory numbers are bytes per device; `fits` says whether every compiled program fits the device's HBM.
   """
   stage = config.train.stage(stage_name) if stage_name else config.train.stages[-1]
   batch_size = stage.batch_size if batch_size is None else batch_size
-  seq_len = config.data.seq_len if seq_len is None else seq_len
-  num_tiles = config.data.max_tiles
+  row_tokens, num_tiles = row_shape(config, stage)
+  seq_len = row_tokens if seq_len is None else seq_len
   chip, devices, num_chips = topology_devices(topology)
   per_chip = len(devices) // num_chips
   mesh = make_mesh(config.mesh, devices)

@@ -210,6 +210,10 @@ class StageConfig:
   task: str = "conversation"  # conversation | caption | text | image_text
   datasets: tuple[tuple[str, float], ...] = (("shapes_vqa", 1.0),)  # (name, weight) mixture
   split: str = "train"
+  # Rows of this stage: tokens and tile slots (0: data.seq_len, data.max_tiles). Shorter rows for a stage whose
+  # examples are short (captions) skip the padding; examples that do not fit are dropped and counted.
+  seq_len: int = 0
+  max_tiles: int = 0
   lr: float = 1e-3
   warmup_steps: int = 10
   end_lr_fraction: float = 0.1  # cosine decays to lr * end_lr_fraction
@@ -277,6 +281,13 @@ def _unknown(key: str, valid: list[str], what: str = "key") -> str:
   return f"Unknown {what} {key!r}.{hint}{listing}"
 
 
+def row_shape(cfg: Config, stage: StageConfig) -> tuple[int, int]:
+  """(tokens, tile slots) of a stage's batch rows: its own seq_len and max_tiles, else data's; text-only stages
+  get no tile slots, so the model skips the vision tower."""
+  tiles = 0 if stage.task == "text" else (stage.max_tiles or cfg.data.max_tiles)
+  return stage.seq_len or cfg.data.seq_len, tiles
+
+
 def validate(cfg: Config) -> Config:
   """Checks choices and cross-field constraints; returns cfg unchanged or raises ConfigError."""
   for path, choices in _CHOICES.items():
@@ -297,6 +308,10 @@ def validate(cfg: Config) -> Config:
     if cfg.data.num_shards < 0 or (cfg.data.num_shards and s.batch_size % cfg.data.num_shards):
       raise ConfigError(f"data.num_shards={cfg.data.num_shards} must be >= 0 and divide "
                         f"train.stages.{s.name}.batch_size={s.batch_size}.")
+    if s.seq_len < 0 or s.max_tiles < 0 or s.seq_len > cfg.model.decoder.max_seq_len:
+      raise ConfigError(f"train.stages.{s.name}: need 0 <= seq_len <= model.decoder.max_seq_len="
+                        f"{cfg.model.decoder.max_seq_len} and max_tiles >= 0 (0: data.seq_len, data.max_tiles); "
+                        f"got seq_len={s.seq_len}, max_tiles={s.max_tiles}.")
     if s.loss == "contrastive" and not cfg.model.contrastive.enabled:
       raise ConfigError(f"train.stages.{s.name}.loss='contrastive' needs model.contrastive.enabled=True.")
     if s.eval_every < 0 or (s.eval_every and s.eval_limit <= 0):

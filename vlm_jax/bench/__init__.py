@@ -24,7 +24,7 @@ import jax
 
 from vlm_jax.bench import measure, ours, report
 from vlm_jax.bench.measure import FULL, QUICK, Plan
-from vlm_jax.config import Config
+from vlm_jax.config import Config, row_shape
 from vlm_jax.generate import Generator
 from vlm_jax.inputs.tokenizer import train_sentencepiece
 from vlm_jax.sharding import make_mesh
@@ -50,7 +50,7 @@ def _generate_numbers(timing: dict[str, float], prompt_tokens: int, rows: int, n
 def run(config: Config, *, compare_torch: bool = False, plan: Plan = FULL, log=print) -> dict[str, Any]:
   """Runs the benchmark (module docstring) -> nested results."""
   stage = config.train.stages[-1]
-  b, s, n = stage.batch_size, config.data.seq_len, config.data.max_tiles
+  b, (s, n) = stage.batch_size, row_shape(config, stage)
   mesh = make_mesh(config.mesh)
   dtype = config.model.dtype
   dtypes = [dtype] + [d for d in ("float32", "bfloat16") if d != dtype and plan.both_dtypes]

@@ -33,11 +33,11 @@ class Preprocessor:
   for the language-model tasks, {"pixel_values" float32 [1, H, W, 3], "text_ids" int32 [m],
   "negative_text_ids": list of int32 [m_j]} for image_text."""
 
-  def __init__(self, config: Config, tokenizer: Tokenizer):
+  def __init__(self, config: Config, tokenizer: Tokenizer, row_shape: tuple[int, int] | None = None):
+    """row_shape: (tokens, tiles) an example must fit, default (data.seq_len, data.max_tiles)."""
     self.config = config
     self.tokenizer = tokenizer
-    self.seq_len = config.data.seq_len
-    self.max_tiles = config.data.max_tiles
+    self.seq_len, self.max_tiles = row_shape or (config.data.seq_len, config.data.max_tiles)
     self.tokens_per_tile = config.model.image_tokens_per_tile
     self.counts = collections.Counter()
     # The model swaps the embeddings of model.image_token_id for image features: it must be the tokenizer's.

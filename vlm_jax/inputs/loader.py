@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from vlm_jax.config import Config, StageConfig
+from vlm_jax.config import Config, StageConfig, row_shape
 from vlm_jax.inputs import examples, packing
 from vlm_jax.inputs.tokenizer import Tokenizer
 from vlm_jax.sharding import data_sharding
@@ -106,12 +106,12 @@ class _ToRow:
   """record -> a padded row, an unpadded example (when packing), or None (dropped by the Preprocessor)."""
 
   def __init__(self, config: Config, stage: StageConfig, tokenizer: Tokenizer, pack: bool):
-    self.preprocessor = examples.Preprocessor(config, tokenizer)
-    self.task, self.pack, self.data = stage.task, pack, config.data
+    self.seq_len, self.max_tiles = row_shape(config, stage)
+    self.preprocessor = examples.Preprocessor(config, tokenizer, (self.seq_len, self.max_tiles))
+    self.task, self.pack, self.padding_side = stage.task, pack, config.data.padding_side
     self.pad_id = tokenizer.pad_id
     self.max_text_len = config.model.contrastive.max_text_len
     self.hard_negatives = config.model.contrastive.hard_negatives
-    self.max_tiles = tile_slots(config, stage)
 
   def __call__(self, record: dict) -> dict | None:
     example = self.preprocessor.to_example(record, self.task)
@@ -119,8 +119,7 @@ class _ToRow:
       return example
     if self.task == "image_text":
       return packing.pad_image_text(example, self.max_text_len, self.pad_id, self.hard_negatives)
-    return packing.pad_example(example, self.data.seq_len, self.max_tiles, self.pad_id,
-                               self.data.padding_side)
+    return packing.pad_example(example, self.seq_len, self.max_tiles, self.pad_id, self.padding_side)
 
 
 class PackedIterDataset(grain.IterDataset):
@@ -179,11 +178,6 @@ def host_batch_size(stage: StageConfig, process_count: int) -> int:
   return stage.batch_size // process_count
 
 
-def tile_slots(config: Config, stage: StageConfig) -> int:
-  """Tile slots per row: none for text-only stages, so the model skips the vision tower entirely."""
-  return 0 if stage.task == "text" else config.data.max_tiles
-
-
 def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
                 process_count: int | None = None) -> grain.DatasetIterator:
   """An endless iterator of host-local batches (numpy dicts of DESIGN.md "The batch", or the contrastive
@@ -197,7 +191,7 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
   read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * batch)
   rows = records.map(_ToRow(config, stage, tokenizer, pack)).to_iter_dataset(read)  # drops the Nones
   if pack:
-    rows = PackedIterDataset(rows, config.data.seq_len, tile_slots(config, stage), tokenizer.pad_id)
+    rows = PackedIterDataset(rows, *row_shape(config, stage), tokenizer.pad_id)
   batches = rows.batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     # grain's worker processes read absl flags, which a plain (non-absl) program never parsed.
