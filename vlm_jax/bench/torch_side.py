@@ -13,6 +13,7 @@ import contextlib
 import os
 import pathlib
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -102,9 +103,11 @@ def time_train_step(model: Any, config: Config, stage: StageConfig, batch: dict[
 
 def time_generation(model: Any, config: Config, batch: dict[str, np.ndarray], dtype: str, new_tokens: int,
                     repeats: int) -> dict[str, float]:
-  """transformers' greedy generate on our prepared batch -> {prefill_s, total_s, decode_s}: median times of
-  a 1-token generate (prefill + the first token) and of a new_tokens one; decode_s = total_s - prefill_s, the
-  new_tokens - 1 cached decode steps (what vlm_jax.bench.ours.time_generation times directly)."""
+  """transformers' greedy generate on our prepared batch -> {prefill_s, total_s, decode_s}: the fastest of
+  `repeats` 1-token generates (prefill + the first token) and of as many new_tokens ones, taken in turns;
+  decode_s = total_s - prefill_s, the new_tokens - 1 cached decode steps (what vlm_jax.bench.ours.time_generation
+  times directly). Minimums, not medians: a difference of two medians went negative when another process
+  shared the cores (noise only ever adds time)."""
   import torch
   inputs = torch_inputs(config, batch)
   prompt = inputs["input_ids"].shape[1]
@@ -115,6 +118,16 @@ def time_generation(model: Any, config: Config, batch: dict[str, np.ndarray], dt
     if out.shape[1] != prompt + n:
       raise RuntimeError(f"transformers generated {out.shape[1] - prompt} tokens, not {n}.")
     return out
-  prefill_s = measure.median_seconds(lambda: generate(1), repeats)
-  total_s = measure.median_seconds(lambda: generate(new_tokens), repeats)
+  generate(new_tokens)  # warm-up
+  times = {1: [], new_tokens: []}
+  for _ in range(repeats):
+    for n, ts in times.items():
+      start = time.perf_counter()
+      generate(n)
+      ts.append(time.perf_counter() - start)
+  prefill_s, total_s = min(times[1]), min(times[new_tokens])
+  if total_s <= prefill_s:
+    raise RuntimeError(f"transformers' {new_tokens}-token generate ({total_s:.4f} s) was not slower than its "
+                       f"1-token one ({prefill_s:.4f} s): the machine is too busy to time decoding; rerun "
+                       f"`vlm-jax bench` with nothing else running.")
   return {"prefill_s": prefill_s, "total_s": total_s, "decode_s": total_s - prefill_s}
