@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from vlm_jax.config import Config, StageConfig, VisionConfig
+from vlm_jax.config import Config, StageConfig, VisionConfig, row_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,11 +268,14 @@ def train_step_breakdown(cfg: Config, stage: StageConfig | str | None = None, ba
                          seq_len: int | None = None, num_tiles: int | None = None) -> dict[str, float]:
   """FLOPs of one training step (all micro-batches), forward + backward, per block and 'total'.
 
-  Defaults: the last stage, its global batch_size, data.seq_len, data.max_tiles (the loader fills that many
-  tile slots per row for every task, also 'text'; pass num_tiles=0 for a batch without pixel_values).
+  Defaults: the last stage, its global batch_size and the row shape its loader fills (`config.row_shape`: its
+  seq_len and tile slots, else data's; no tile slots for 'text').
   """
   stage = _stage(cfg, stage)
   batch_size = stage.batch_size if batch_size is None else batch_size
+  row_tokens, row_tiles = row_shape(cfg, stage)
+  seq_len = row_tokens if seq_len is None else seq_len
+  num_tiles = row_tiles if num_tiles is None else num_tiles
   trains = {b: any(is_trainable(p, stage.trainable) for p in paths) for b, paths in _block_params(cfg).items()}
   before = {b: any(trains[u] for u in _upstream(b)) for b in BLOCK_INPUTS}
   out = dict.fromkeys(BLOCK_INPUTS, 0.0)

@@ -53,12 +53,14 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> floa
   """Median wall time of fn() over `repeats` calls after `warmup` calls; outputs are blocked on."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(seconds(fn) for _ in range(repeats))
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+  """Wall time of one fn() call, its output blocked on."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
 
 
 def matmul_peak(size: int, repeats: int) -> dict[str, float]:

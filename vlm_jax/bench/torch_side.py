@@ -13,7 +13,6 @@ import contextlib
 import os
 import pathlib
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -119,13 +118,9 @@ def time_generation(model: Any, config: Config, batch: dict[str, np.ndarray], dt
       raise RuntimeError(f"transformers generated {out.shape[1] - prompt} tokens, not {n}.")
     return out
   generate(new_tokens)  # warm-up
-  times = {1: [], new_tokens: []}
-  for _ in range(repeats):
-    for n, ts in times.items():
-      start = time.perf_counter()
-      generate(n)
-      ts.append(time.perf_counter() - start)
-  prefill_s, total_s = min(times[1]), min(times[new_tokens])
+  pairs = [(measure.seconds(lambda: generate(1)), measure.seconds(lambda: generate(new_tokens)))
+           for _ in range(repeats)]
+  prefill_s, total_s = (min(ts) for ts in zip(*pairs))
   if total_s <= prefill_s:
     raise RuntimeError(f"transformers' {new_tokens}-token generate ({total_s:.4f} s) was not slower than its "
                        f"1-token one ({prefill_s:.4f} s): the machine is too busy to time decoding; rerun "
