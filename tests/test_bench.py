@@ -44,6 +44,8 @@ def test_throughput_and_mfu_follow_from_the_recorded_numbers(results):
   t = results["train"]
   assert (t["dtype"], t["batch_size"], t["seq_len"], t["num_tiles"]) == ("bfloat16", 8, 32, 1)
   assert t["mfu"] == t["flops_per_step"] / t["step_s"] / (results["peak"]["bf16_gflops"] * 1e9)
+  measured = results["peak"]["measured"]  # before and after the train steps; the peak is the higher
+  assert len(measured) == 2 and results["peak"]["bf16_gflops"] == max(p["bf16_gflops"] for p in measured)
   assert t["tokens_per_s"] == 8 * 32 / t["step_s"]
   assert t["images_per_s"] == 8 / t["step_s"]
   g = results["generate"]
