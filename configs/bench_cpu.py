@@ -5,6 +5,8 @@ Llama, exportable as Idefics3 so transformers can run the same weights).
 decoder 512 x 8 layers with GQA 8/4; vocab 8192; 256 tokens x 8 rows per step. One instruct-like stage: the
 projector and decoder train, the ViT is frozen.
 
+The MLP runs on 2 halves of the sequence (`mlp_chunks`): train step 0.96 -> 0.90 s (two interleaved A/B rounds).
+
 Unscanned layers: on XLA:CPU a train step of the scanned stack took 2.22 s vs 1.13 s unscanned (bf16; 3.32 vs
 2.85 s f32). The bench's compile-time comparison (4 vs 24 layers) still scans: that is what scan is for.
 """
@@ -19,7 +21,8 @@ def get_config() -> Config:
                           select_strategy="full", post_layernorm=True),
       projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2),
       decoder=DecoderConfig(vocab_size=8192, width=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1536,
-                            rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=2048),
+                            rope_theta=10000.0, rms_norm_eps=1e-5, tie_embeddings=False, max_seq_len=2048,
+                            mlp_chunks=2),
       image_token_id=4, dtype="bfloat16", scan_layers=False, remat="none")
   data = DataConfig(tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=8192), seq_len=256, max_tiles=1,
                     image_splitting=False, packing=False, padding_side="right")

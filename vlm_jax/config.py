@@ -103,6 +103,11 @@ class DecoderConfig:
   tie_embeddings: bool = False
   max_seq_len: int = 2048
   moe: MoeConfig = MoeConfig()
+  # The dense MLP runs on this many consecutive pieces of the sequence, one after another (the same result):
+  # the [tokens, mlp_dim] float32 products of a piece stay in cache. A CPU setting: bench_cpu's train step
+  # was 5-8% faster with 2 pieces of 1024 tokens, and no faster with 4. A sequence it does not divide (decoding)
+  # runs whole.
+  mlp_chunks: int = 1
 
   @property
   def resolved_head_dim(self) -> int:
@@ -327,6 +332,9 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"model.vision.pos_embed_init='sincos2d' needs a width divisible by 4 (sin and cos of "
                       f"rows and columns), got width={v.width}; use pos_embed_init='normal' or a width like "
                       f"{v.width + 4 - v.width % 4}.")
+  if d.mlp_chunks < 1:
+    raise ConfigError(f"model.decoder.mlp_chunks={d.mlp_chunks} must be at least 1 (1 runs the MLP on the whole "
+                      f"sequence at once).")
   if d.num_heads % d.num_kv_heads:
     raise ConfigError(f"model.decoder.num_heads={d.num_heads} is not a multiple of num_kv_heads={d.num_kv_heads}.")
   if not d.head_dim and d.width % d.num_heads:

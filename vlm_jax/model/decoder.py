@@ -82,10 +82,16 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate", dtype=self.dtype, use_bias=False)(x)
-    up = dense(c.mlp_dim, ("embed", "mlp"), name="up", dtype=self.dtype, use_bias=False)(x)
-    h = constrain(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-    return dense(c.width, ("mlp", "embed"), name="down", dtype=self.dtype, use_bias=False)(h)
+    gate = dense(c.mlp_dim, ("embed", "mlp"), name="gate", dtype=self.dtype, use_bias=False)
+    up = dense(c.mlp_dim, ("embed", "mlp"), name="up", dtype=self.dtype, use_bias=False)
+    down = dense(c.width, ("mlp", "embed"), name="down", dtype=self.dtype, use_bias=False)
+
+    def mlp(piece):
+      return down(constrain(nn.silu(gate(piece)) * up(piece), ("act_batch", "act_length", "act_mlp")))
+    chunks = c.mlp_chunks if x.shape[1] % c.mlp_chunks == 0 else 1  # see DecoderConfig.mlp_chunks
+    if chunks == 1:
+      return mlp(x)
+    return jnp.concatenate([mlp(piece) for piece in jnp.split(x, chunks, axis=1)], axis=1)
 
 
 class DecoderLayer(nn.Module):
