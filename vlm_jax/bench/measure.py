@@ -51,16 +51,18 @@ QUICK = Plan(steps=3, warmup=1, peak_size=1024, peak_repeats=3, both_dtypes=Fals
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   """Median wall time of fn() over `repeats` calls after `warmup` calls; outputs are blocked on."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  return statistics.median(seconds(fn) for _ in range(repeats))
+  return statistics.median(_timed_calls(fn, repeats, warmup))
 
 
 def fastest_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   """The fastest of `repeats` calls of fn() after `warmup` calls, seconds."""
+  return min(_timed_calls(fn, repeats, warmup))
+
+
+def _timed_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  return min(seconds(fn) for _ in range(repeats))
+  return [seconds(fn) for _ in range(repeats)]
 
 
 def seconds(fn: Callable[[], Any]) -> float:
