@@ -101,13 +101,14 @@ def test_grad_accumulation_averages_over_all_supervised_tokens():
       trainable, frozen = step.split_trainable(params, labels)
       loss_sum, _, weight, grads, _ = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
                                                          jax.random.PRNGKey(0))
-      return loss_sum / weight, weight, jax.tree.map(lambda g: g / weight, grads)
+      return loss_sum / weight, weight, grads
     with step.use_mesh(mesh):
       results[accum] = jax.device_get(mean_loss_and_grads(state["params"], batch))
   # Reference: one forward over the whole batch, summed NLL / supervised tokens.
   logits = jax.jit(model.apply)({"params": jax.device_get(state["params"])}, batch)["logits"]
   loss_sum, count = losses.token_cross_entropy(logits, batch["labels"])
   assert int(count) == 37 and results[1][1] == 37
+  assert float(step.batch_weight(cfg.train.stage("instruct"), batch)) == 37  # known before the forward
   np.testing.assert_allclose(results[1][0], float(loss_sum / count), rtol=1e-6)
   np.testing.assert_allclose(results[2][0], results[1][0], rtol=1e-5)
   assert results[2][1] == 37
@@ -141,6 +142,7 @@ def test_contrastive_stage_loss_and_frozen_decoder():
   image, text, scale, _ = embed(start["params"], batch)
   np.testing.assert_allclose(metrics[0]["loss"], float(losses.clip_loss(image, text, scale)), rtol=1e-5)
   assert metrics[0]["num_tokens"] == 8
+  assert float(step.batch_weight(cfg.train.stage("vision_pretrain"), batch)) == 8  # its pairs
   for tower in ("decoder", "projector"):
     assert_bit_identical(start["params"][tower], end["params"][tower], tower)
   assert np.abs(start["params"]["vision"]["pos_embed"] - end["params"]["vision"]["pos_embed"]).max() > 0

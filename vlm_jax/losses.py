@@ -8,6 +8,16 @@ import jax.numpy as jnp
 IGNORE_ID = -100  # label of positions that carry no loss (HF convention)
 
 
+def next_token_targets(labels: jax.Array) -> jax.Array:
+  """labels int [B, S] -> the token each position predicts, int [B, S]: labels shifted left by one, IGNORE_ID last."""
+  return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_ID)], axis=1)
+
+
+def supervised_tokens(labels: jax.Array) -> jax.Array:
+  """labels int [B, S] -> how many positions `token_cross_entropy` scores, int32 []."""
+  return jnp.sum(next_token_targets(labels) != IGNORE_ID, dtype=jnp.int32)
+
+
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits [B, S, V], labels int [B, S] at the same positions as input_ids (HF: logits[:, t] predicts
   labels[:, t + 1]) -> (summed NLL f32 [], number of scored tokens int32 []). Labels == IGNORE_ID are skipped.
@@ -15,7 +25,7 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
   NLL = logsumexp(logits) - the target's logit, the target's logit picked by comparing a vocab iota with the
   target: unlike slicing off the last position and gathering from log_softmax, nothing [B, S, V] is copied,
   and the gradient (softmax - one-hot) is elementwise, with no scatter into a zeroed [B, S, V] buffer."""
-  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_ID)], axis=1)
+  targets = next_token_targets(labels)
   valid = targets != IGNORE_ID
   logits = logits.astype(jnp.float32)
   vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)

@@ -206,8 +206,9 @@ class Decoder(nn.Module):
     if c.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False)(x)
-    logits = constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+      logits = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False,
+                     float32_out=True)(x)
+    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
     if not with_aux:
       return logits, x
     if not moe:

@@ -44,9 +44,11 @@ def _dims(lhs_contract, rhs_contract):
   return ((tuple(lhs_contract), tuple(rhs_contract)), ((), ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-  """x [..., *in] . kernel [*in, *out] (float32 master weights) -> [..., *out] in x's dtype (bf16 or f32).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x: jax.Array, kernel: jax.Array, n_in: int, float32_out: bool = False) -> jax.Array:
+  """x [..., *in] . kernel [*in, *out] (float32 master weights) -> [..., *out] in x's dtype (bf16 or f32), or
+  with `float32_out` the float32 accumulator itself (the output head: the loss reads float32 logits, and rounding
+  them to bf16 first cost a bf16 copy and a float32 copy of [B, S, V] per step).
 
   Every product takes x's dtype for its inputs and accumulates in float32 (for bf16: bf16 x bf16 -> f32, then one
   rounding), forward and backward, and the kernel gradient comes out in float32, unrounded, as x^T . g in the
@@ -54,18 +56,19 @@ def matmul(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   float32 cotangents (f32 dots, 2-3x slower than bf16 -> f32 ones); with f32 it writes the kernel gradient as
   (g^T . x)^T, an [out, in] product and then a transpose copy (bench_cpu's f32 train step 3.28 -> 2.37 s).
   """
-  return _matmul_fwd(x, kernel, n_in)[0]
+  return _matmul_fwd(x, kernel, n_in, float32_out)[0]
 
 
-def _matmul_fwd(x, kernel, n_in):
+def _matmul_fwd(x, kernel, n_in, float32_out):
   k = kernel.astype(x.dtype)
   y = jax.lax.dot_general(x, k, _dims(range(x.ndim - n_in, x.ndim), range(n_in)),
                           preferred_element_type=jnp.float32)
-  return y.astype(x.dtype), (x, k)
+  return (y if float32_out else y.astype(x.dtype)), (x, k)
 
 
-def _matmul_bwd(n_in, residuals, g):
+def _matmul_bwd(n_in, float32_out, residuals, g):
   x, k = residuals
+  g = g.astype(x.dtype)
   batch, n_out = x.ndim - n_in, k.ndim - n_in
   dx = jax.lax.dot_general(g, k, _dims(range(batch, batch + n_out), range(n_in, k.ndim)),
                            preferred_element_type=jnp.float32)
@@ -74,6 +77,29 @@ def _matmul_bwd(n_in, residuals, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def scale_features(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """x [..., D] * scale [D] (a float32 param, cast to x's dtype first) -> x's dtype: a norm's learned scale.
+
+  Its gradient, the sum over every position of g * x, is a ones-vector dot in float32: autodiff's reduce over
+  the B*S positions is rewritten by XLA:CPU into a reduce-window that took ~3 ms per norm on bench_cpu.
+  """
+  return _scale_features_fwd(x, scale)[0]
+
+
+def _scale_features_fwd(x, scale):
+  return scale.astype(x.dtype) * x, (x, scale)
+
+
+def _scale_features_bwd(residuals, g):
+  x, scale = residuals
+  products = (g.astype(jnp.float32) * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
+  return g * scale.astype(g.dtype), jnp.ones(products.shape[0], jnp.float32) @ products
+
+
+scale_features.defvjp(_scale_features_fwd, _scale_features_bwd)
 
 
 class Dense(nn.Module):
@@ -88,6 +114,7 @@ class Dense(nn.Module):
   num_in: int = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  float32_out: bool = False  # return the float32 accumulator (see `matmul`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,7 +122,7 @@ class Dense(nn.Module):
     init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
     shape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
     kernel = self.param("kernel", logical(init, self.axes), shape, jnp.float32)
-    y = matmul(x.astype(self.dtype), kernel, n_in)
+    y = matmul(x.astype(self.dtype), kernel, n_in, self.float32_out)
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros_init(), self.axes[n_in:]), self.features, jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -103,10 +130,11 @@ class Dense(nn.Module):
 
 
 def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str, dtype: Dtype,
-          num_in: int = 1, use_bias: bool = True) -> Dense:
+          num_in: int = 1, use_bias: bool = True, float32_out: bool = False) -> Dense:
   """A `Dense` on the trailing `num_in` input dims, e.g. dense((H, hd), ("embed", "heads", "head_dim"))."""
   features = (features,) if isinstance(features, int) else tuple(features)
-  return Dense(features, tuple(axes), num_in=num_in, use_bias=use_bias, dtype=dtype, name=name)
+  return Dense(features, tuple(axes), num_in=num_in, use_bias=use_bias, dtype=dtype, float32_out=float32_out,
+               name=name)
 
 
 class Embed(nn.Module):
@@ -131,8 +159,8 @@ class Embed(nn.Module):
     return jnp.take(table, ids, axis=0)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    """Tied output head: x [..., features] -> [..., num_embeddings]."""
-    return matmul(x.astype(self.dtype), self.embedding.T, 1)
+    """Tied output head: x [..., features] -> float32 [..., num_embeddings]."""
+    return matmul(x.astype(self.dtype), self.embedding.T, 1, True)
 
 
 class RMSNorm(nn.Module):
@@ -145,7 +173,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", logical(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * x32.astype(self.dtype)
+    return scale_features(x32.astype(self.dtype), scale)
 
 
 class LayerNorm(nn.Module):

@@ -125,6 +125,14 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
   return loss_sum, aux_sum, weight, dict(out.get("moe_metrics", {}))
 
 
+def batch_weight(stage: StageConfig, batch: dict[str, jax.Array]) -> jax.Array:
+  """The weight `_loss_terms` reports for the whole batch, from the batch alone, f32 []: its supervised tokens
+  (`lm`), or its image-text pairs (`contrastive`)."""
+  if stage.loss == "contrastive":
+    return jnp.asarray(batch["text_ids"].shape[0], jnp.float32)
+  return losses.supervised_tokens(batch["labels"]).astype(jnp.float32)
+
+
 def _micro_batches(batch: dict[str, jax.Array], grad_accum: int, mesh: Mesh) -> dict[str, jax.Array]:
   """[B, ...] -> [grad_accum, B / grad_accum, ...]. Micro-batch a takes rows a, a + A, a + 2A, ... so each
   device's local rows spread over all micro-batches and every micro-batch keeps the batch sharding."""
@@ -161,15 +169,20 @@ def _merge(a: Any, b: Any) -> Any:
 
 def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
                      batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
-  """-> (loss_sum, aux_sum, weight, d(loss_sum + aux_sum) / d trainable), each summed over stage.grad_accum
-  micro-batches (lax.scan), and the MoE metrics averaged over the micro-batches ({} for a dense decoder).
+  """-> (loss_sum, aux_sum, weight, grads), the first three summed over stage.grad_accum micro-batches
+  (lax.scan), grads = d(loss_sum + aux_sum) / d trainable / max(weight, 1): the gradient of the mean; and the MoE
+  metrics averaged over the micro-batches ({} for a dense decoder). Divide the sums by the weight to get means.
 
   trainable / frozen: the params split by label (None in place of the other group's leaves); only `trainable`
-  is differentiated, so frozen towers cost no backward pass. Divide the sums by the weight to get means.
+  is differentiated, so frozen towers cost no backward pass. The weight is known from the batch before the
+  forward (`batch_weight`), so each micro-batch's objective is divided by it and the gradients come out averaged:
+  dividing the gradient tree afterwards is one more pass over every trainable param (~4% of bench_cpu's step).
   """
+  scale = 1.0 / jnp.maximum(batch_weight(stage, batch), 1.0)  # no supervised tokens: zero grads, not NaN
+
   def objective(t, micro, micro_rng):
     loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
-    return loss_sum + aux_sum, (loss_sum, aux_sum, weight, moe_metrics)
+    return (loss_sum + aux_sum) * scale, (loss_sum, aux_sum, weight, moe_metrics)
 
   def grads_of(micro, micro_rng):
     (_, (loss_sum, aux_sum, weight, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -211,8 +224,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
     trainable, frozen = split_trainable(state["params"], labels)
     loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch,
                                                                      rng)
-    denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss and grads, not NaN
-    grads = jax.tree.map(lambda g: g / denominator, grads)
+    denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss, not NaN
     full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)

@@ -1,0 +1,59 @@
+"""Hand-written VJPs in vlm_jax/model/layers.py against autodiff and float64 numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.model import layers
+
+
+def _inputs(dtype, seed=0):
+  rng = np.random.RandomState(seed)
+  x = jnp.asarray(rng.randn(3, 5, 16), dtype)
+  kernel = jnp.asarray(rng.randn(16, 24) * 0.3, jnp.float32)
+  g = jnp.asarray(rng.randn(3, 5, 24), jnp.float32)
+  return x, kernel, g
+
+
+def test_matmul_float32_gradients_equal_autodiff():
+  x, kernel, g = _inputs(jnp.float32)
+  ours = jax.vjp(lambda x, k: layers.matmul(x, k, 1), x, kernel)
+  ref = jax.vjp(lambda x, k: jnp.einsum("bsi,io->bso", x, k), x, kernel)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+  for a, b in zip(ours[1](g), ref[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_float32_out_keeps_the_accumulator():
+  """bf16 x: the default output is rounded to bf16; float32_out returns the float32 sums of the bf16 products
+  (float64 numpy of the same bf16 values agrees to float32 rounding), and its gradients arrive in bf16 / f32."""
+  x, kernel, g = _inputs(jnp.bfloat16)
+  exact = np.einsum("bsi,io->bso", np.asarray(x, np.float64), np.asarray(kernel.astype(jnp.bfloat16), np.float64))
+  rounded = layers.matmul(x, kernel, 1)
+  y, vjp = jax.vjp(lambda x, k: layers.matmul(x, k, 1, True), x, kernel)
+  assert rounded.dtype == jnp.bfloat16 and y.dtype == jnp.float32
+  np.testing.assert_allclose(y, exact, rtol=1e-6, atol=1e-5)
+  assert np.max(np.abs(np.asarray(rounded, np.float64) - exact)) > 1e-3  # bf16 rounding is visible
+  dx, dk = vjp(g)
+  assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+  g16 = np.asarray(g.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(dk, np.einsum("bsi,bso->io", np.asarray(x, np.float64), g16), rtol=1e-5, atol=1e-5)
+
+
+def test_scale_features_gradients():
+  rng = np.random.RandomState(1)
+  scale = jnp.asarray(rng.randn(16), jnp.float32)
+  x, _, _ = _inputs(jnp.float32)
+  g = jnp.asarray(rng.randn(3, 5, 16), jnp.float32)
+  ours = jax.vjp(layers.scale_features, x, scale)
+  ref = jax.vjp(lambda x, s: s * x, x, scale)
+  np.testing.assert_array_equal(ours[0], ref[0])
+  for a, b in zip(ours[1](g), ref[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # bf16: the scale's gradient is the float32 sum of the exact products of the bf16 values.
+  x16, g16 = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  y, vjp = jax.vjp(layers.scale_features, x16, scale)
+  assert y.dtype == jnp.bfloat16
+  dx, dscale = vjp(g16)
+  assert dx.dtype == jnp.bfloat16 and dscale.dtype == jnp.float32
+  exact = np.sum(np.asarray(g16, np.float64) * np.asarray(x16, np.float64), axis=(0, 1))
+  np.testing.assert_allclose(dscale, exact, rtol=1e-5, atol=1e-5)
