@@ -81,17 +81,20 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
 
 
 def _masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """float32 softmax over the last axis of logits [B, KV, G, S, L]; mask [B, 1, S, L]."""
+  """float32 softmax over the last axis of logits [B, KV, S, G, L]; mask [B, 1, S, L]."""
   if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, :, :, None], logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
 
 
 def _attention_forward(q, k, v, mask, scale):
-  """q [B, S, KV, G, D] -> (out [B, S, KV, G, D] in q's dtype, probs [B, KV, G, S, L] in q's dtype); every dot
-  takes q's dtype in and accumulates in float32."""
-  probs = _masked_softmax(_dot("bskgd,btkd->bkgst", q, k) * scale, mask).astype(q.dtype)
-  return _dot("bkgst,btkd->bskgd", probs, v).astype(q.dtype), probs
+  """q [B, S, KV, G, D] -> (out [B, S, KV, G, D] in q's dtype, probs [B, KV, S, G, L] in q's dtype); every dot
+  takes q's dtype in and accumulates in float32.
+
+  Logits and probabilities keep q's (S, G) order: a dot's output lists the left operand's free dims in that
+  operand's order, and [B, KV, G, S, L] cost a transpose copy of every logit tensor (forward and backward)."""
+  probs = _masked_softmax(_dot("bskgd,btkd->bksgt", q, k) * scale, mask).astype(q.dtype)
+  return _dot("bksgt,btkd->bskgd", probs, v).astype(q.dtype), probs
 
 
 def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -115,12 +118,14 @@ def _attention_low_precision_fwd(q, k, v, mask, scale):
 
 def _attention_low_precision_bwd(scale, residuals, g):
   q, k, v, probs = residuals
-  dv = _dot("bkgst,bskgd->btkd", probs, g)
-  dprobs = _dot("bskgd,btkd->bkgst", g, v)
+  # dv and dk come out as [B, KV, D, L] and are transposed after: as `probs^T . g` the dot would need the
+  # [S, L] probabilities (and logit gradients) transposed first, a copy 4x larger than the [L, D] result.
+  dv = _dot("bskgd,bksgt->bkdt", g, probs).transpose(0, 3, 1, 2)
+  dprobs = _dot("bskgd,btkd->bksgt", g, v)
   p = probs.astype(jnp.float32)
   dlogits = (p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-  dq = _dot("bkgst,btkd->bskgd", dlogits, k)
-  dk = _dot("bkgst,bskgd->btkd", dlogits, q)
+  dq = _dot("bksgt,btkd->bskgd", dlogits, k)
+  dk = _dot("bskgd,bksgt->bkdt", q, dlogits).transpose(0, 3, 1, 2)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
