@@ -94,7 +94,7 @@ def _attention_forward(q, k, v, mask, scale):
   Logits and probabilities keep q's (S, G) order: a dot's output lists the left operand's free dims in that
   operand's order, and [B, KV, G, S, L] cost a transpose copy of every logit tensor (forward and backward)."""
   probs = _masked_softmax(_dot("bskgd,btkd->bksgt", q, k) * scale, mask).astype(q.dtype)
-  return _dot("bksgt,btkd->bskgd", probs, v).astype(q.dtype), probs
+  return _dot("bksgt,btkd->bksgd", probs, v).transpose(0, 2, 1, 3, 4).astype(q.dtype), probs
 
 
 def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -124,7 +124,7 @@ def _attention_low_precision_bwd(scale, residuals, g):
   dprobs = _dot("bskgd,btkd->bksgt", g, v)
   p = probs.astype(jnp.float32)
   dlogits = (p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-  dq = _dot("bksgt,btkd->bskgd", dlogits, k)
+  dq = _dot("bksgt,btkd->bksgd", dlogits, k).transpose(0, 2, 1, 3, 4)
   dk = _dot("bskgd,bksgt->bkdt", q, dlogits).transpose(0, 3, 1, 2)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
