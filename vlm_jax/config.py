@@ -105,8 +105,8 @@ class DecoderConfig:
   moe: MoeConfig = MoeConfig()
   # The dense MLP runs on this many consecutive pieces of the sequence, one after another (the same result):
   # the [tokens, mlp_dim] float32 products of a piece stay in cache. A CPU setting: bench_cpu's train step
-  # was 5-8% faster with 2 pieces of 1024 tokens (measured with branch perf-attention-layout), no faster
-  # with 4. A sequence it does not divide (decoding) runs whole.
+  # was 5-8% faster with 2 pieces of 1024 tokens, no faster with 4. A sequence it does not divide (decoding)
+  # runs whole.
   mlp_chunks: int = 1
 
   @property
