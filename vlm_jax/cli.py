@@ -6,6 +6,7 @@ import json
 import sys
 
 from vlm_jax import config as config_lib
+from vlm_jax import host_memory
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -226,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the `vlm-jax` command itself, not a call from Python
+    host_memory.reexec_tuned()
   args = build_parser().parse_args(argv)
   try:
     return args.fn(args)

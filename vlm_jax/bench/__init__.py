@@ -26,6 +26,7 @@ import jax
 
 from vlm_jax.bench import measure, ours, report
 from vlm_jax.bench.measure import FULL, QUICK, Plan
+from vlm_jax import host_memory
 from vlm_jax.config import Config, row_shape
 from vlm_jax.generate import Generator
 from vlm_jax.inputs.tokenizer import train_sentencepiece
@@ -56,7 +57,8 @@ def run(config: Config, *, compare_torch: bool = False, plan: Plan = FULL, log=p
   mesh = make_mesh(config.mesh)
   dtype = config.model.dtype
   dtypes = [dtype] + [d for d in ("float32", "bfloat16") if d != dtype and plan.both_dtypes]
-  results: dict[str, Any] = {"config": config.name, "devices": len(jax.devices()), "plan": plan.__dict__}
+  results: dict[str, Any] = {"config": config.name, "devices": len(jax.devices()), "plan": plan.__dict__,
+                             "host_malloc": host_memory.active()}
 
   log(f"peak: {plan.peak_size}^3 matmul")
   peaks = [measure.matmul_peak(plan.peak_size, plan.peak_repeats)]

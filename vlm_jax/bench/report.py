@@ -47,7 +47,8 @@ def table(r: dict[str, Any]) -> str:
            f"per row, {r['devices']} JAX device(s)" + (f", {torch['threads']} torch threads (OMP_WAIT_POLICY {torch['omp_wait_policy']})" if torch else "") +
            f"; peak matmul {r['peak']['f32_gflops']:.0f} GFLOP/s f32, {r['peak']['bf16_gflops']:.0f} GFLOP/s "
            f"bf16 in / f32 acc (the higher of {len(r['peak']['measured'])} timings: bf16 "
-           + ", ".join(f"{p['bf16_gflops']:.0f}" for p in r['peak']['measured']) + ")",
+           + ", ".join(f"{p['bf16_gflops']:.0f}" for p in r['peak']['measured']) + ")"
+           + f"; host malloc: {r.get('host_malloc', 'system')}",
            "", _row(["measurement"] + columns), _row(["---"] * (len(columns) + 1))]
 
   def add(name, ours_fn, theirs_fn=None, fmt="{:.3g}"):
