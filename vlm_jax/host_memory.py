@@ -1,16 +1,19 @@
-"""Host memory for XLA:CPU: keep freed buffers in the process, on huge pages.
+"""Host memory for XLA:CPU: transparent huge pages for malloc.
 
 XLA:CPU allocates an executable's temporary buffer (779 MB for bench_cpu's bf16 train step) with posix_memalign
-from a worker thread on every call. glibc serves any request over 64 MB in a thread's arena with a fresh mmap and
-unmaps it on free, so each step faulted in ~190,000 zeroed 4 KiB pages (0.3 s of kernel time per 0.9 s step) and
-then walked that memory through 4 KiB TLB entries. Four glibc tunables fix it: one arena (the main one, grown with
-brk), no mmap, no trimming (freed memory stays for the next step), and transparent huge pages on the heap.
-bench_cpu's bf16 train step: 0.93 -> 0.76 s (median of 20, two interleaved rounds); minor page faults per step
-190,000 -> ~0.
+on every call, and glibc serves a request that large with a fresh mmap, unmapped again on free. With 4 KiB pages
+each step faulted in ~190,000 zeroed pages (about 0.3 s of kernel time per 0.9 s step) and then walked that
+memory through 4 KiB TLB entries. The tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) has malloc ask for
+transparent huge pages (madvise), which this machine grants: bench_cpu's bf16 train step 0.86/0.96 -> 0.79/0.79 s
+(medians of 16, two interleaved rounds), and minor page faults 35,000 -> 0-70 per call of a function with a
+128 MB temporary (tests/test_host_memory.py).
 
-glibc reads tunables only at start-up, so the `vlm-jax` command re-executes itself once with them set (`main`
-below). The price: the process keeps its peak heap until it exits, as TCMalloc-style allocators do. Set
-`VLM_JAX_MALLOC=system` to opt out. Other C libraries ignore all of this.
+Also measured, not used: one arena with no mmap and no trimming (freed memory kept for the next step) was no faster
+(0.80/0.77 s) and made transformers' bf16 train step in the same process 1.3 -> 1.8 s; huge pages alone leave it
+at 1.2-1.4 s.
+
+glibc reads tunables only at start-up, so the `vlm-jax` command re-executes itself once with the tunable set
+(`reexec_tuned`, called by `cli.main`). Set `VLM_JAX_MALLOC=system` to opt out. Other C libraries ignore it.
 """
 from __future__ import annotations
 
@@ -18,8 +21,7 @@ import os
 import platform
 import sys
 
-TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-            "glibc.malloc.trim_threshold=1099511627776", "glibc.malloc.hugetlb=1")
+TUNABLES = ("glibc.malloc.hugetlb=1",)
 OPT_OUT = "VLM_JAX_MALLOC"
 
 
