@@ -5,12 +5,13 @@ on every call, and glibc serves a request that large with a fresh mmap, unmapped
 each step faulted in ~190,000 zeroed pages (about 0.3 s of kernel time per 0.9 s step) and then walked that
 memory through 4 KiB TLB entries. The tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) has malloc ask for
 transparent huge pages (madvise), which this machine grants: bench_cpu's bf16 train step 0.86/0.96 -> 0.79/0.79 s
-(medians of 16, two interleaved rounds), and minor page faults 35,000 -> 0-70 per call of a function with a
-128 MB temporary (tests/test_host_memory.py).
+(medians of 16, two interleaved rounds), and minor page faults 35,000 -> ~1,400 per call of a function with a
+128 MB temporary (tests/test_host_memory.py; the rest are smaller buffers that stay on 4 KiB pages).
 
-Also measured, not used: one arena with no mmap and no trimming (freed memory kept for the next step) was no faster
-(0.80/0.77 s) and made transformers' bf16 train step in the same process 1.3 -> 1.8 s; huge pages alone leave it
-at 1.2-1.4 s.
+Also measured, not used: one arena with no mmap and no trimming (freed memory kept for the next step, never
+zeroed again) is a little faster still (bf16 step at sequence 512: 2.41/2.59 s system, 2.05/2.04 huge pages,
+1.91/1.88 with both), but a single arena made transformers' bf16 train step in the same process 1.2-1.4 -> 1.8-2.1 s,
+and the bench runs both sides in one process.
 
 glibc reads tunables only at start-up, so the `vlm-jax` command re-executes itself once with the tunable set
 (`reexec_tuned`, called by `cli.main`). Set `VLM_JAX_MALLOC=system` to opt out. Other C libraries ignore it.
