@@ -33,11 +33,12 @@ def _child(mode):
   return float(out[0]), out[1]
 
 
-def test_tuned_env_appends_once_and_respects_opt_out():
+def test_tuned_env_appends_once_and_respects_the_users_choice():
   tuned = host_memory.tuned_env({"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on", "HOME": "/h"})
   assert tuned == {"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on:" + ":".join(host_memory.TUNABLES), "HOME": "/h"}
   assert host_memory.tuned_env(tuned) is None
   assert host_memory.tuned_env({host_memory.OPT_OUT: "system"}) is None
+  assert host_memory.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's own value stands
   assert host_memory.tuned_env({})["GLIBC_TUNABLES"] == ":".join(host_memory.TUNABLES)
 
 

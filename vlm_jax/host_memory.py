@@ -27,11 +27,13 @@ OPT_OUT = "VLM_JAX_MALLOC"
 
 
 def tuned_env(env: dict[str, str]) -> dict[str, str] | None:
-  """`env` with TUNABLES appended to GLIBC_TUNABLES, or None when they are set already, opted out of, or not glibc."""
+  """`env` with TUNABLES appended to GLIBC_TUNABLES, or None when opted out of, not glibc, or when GLIBC_TUNABLES
+  already names any of them (with any value: the user's choice stands)."""
   if env.get(OPT_OUT) == "system" or platform.libc_ver()[0] != "glibc":
     return None
   current = env.get("GLIBC_TUNABLES", "")
-  if all(t in current.split(":") for t in TUNABLES):
+  named = {item.split("=")[0] for item in current.split(":")}
+  if any(t.split("=")[0] in named for t in TUNABLES):
     return None
   return {**env, "GLIBC_TUNABLES": ":".join([current, *TUNABLES] if current else TUNABLES)}
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import jax
 
+from vlm_jax import host_memory
 from vlm_jax.bench import measure, ours, report
 from vlm_jax.bench.measure import FULL, QUICK, Plan
-from vlm_jax import host_memory
 from vlm_jax.config import Config, row_shape
 from vlm_jax.generate import Generator
 from vlm_jax.inputs.tokenizer import train_sentencepiece
