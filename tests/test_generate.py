@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures_data import assert_upright, save_sideways_jpeg
 from fixtures_workdir import tiny_config
 
 from vlm_jax.config import MoeConfig
-from vlm_jax.generate import Generator, Sampling, decode_inputs, sample
+from vlm_jax.generate import Generator, Sampling, decode_inputs, read_image, sample
 from vlm_jax.inputs.tokenizer import train_sentencepiece
 from vlm_jax.model.vlm import VLM, init_cache, init_params
 
@@ -253,3 +254,7 @@ def test_sample_restricts_to_top_k_and_top_p():
   with pytest.raises(ValueError, match="top_p"):
     Sampling(1.0, top_p=0.0)
 
+
+def test_read_image_applies_exif_orientation(tmp_path):
+  path = tmp_path / save_sideways_jpeg(tmp_path / "sideways.jpg")
+  assert_upright(read_image(str(path)), path)

@@ -5,6 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+from fixtures_data import assert_upright, save_sideways_jpeg
 
 from vlm_jax import datasets
 from vlm_jax.datasets.llava_json import COUNTS_FILE
@@ -31,6 +32,7 @@ def _images(d):
   names["la"] = _save(d / "la.png", PIL.Image.new("LA", (8, 6), (50, 255)))
   names["gray"] = _save(d / "gray.png", PIL.Image.new("L", (8, 6), 77))
   names["big"] = _save(d / "big.png", PIL.Image.new("RGB", (300, 200), (1, 2, 3)))
+  names["sideways"] = save_sideways_jpeg(d / "sideways.jpg")
   (d / "empty.png").write_bytes(b"")
   names["empty"] = "empty.png"
   full = (d / "rgb.png").read_bytes()
@@ -59,7 +61,7 @@ def prepared(tmp_path_factory):
       {"id": "no_tag", "image": im["rgb"], "conversations": _conv(("human", "Describe."), ("gpt", "pixels"))},
       {"id": "with_system", "conversations": _conv(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hey"))},
       one("cmyk", "cmyk"), one("i16", "i16"), one("p", "palette"), one("rgba", "rgba"), one("la", "la"),
-      one("gray", "gray"), one("big", "big"),
+      one("gray", "gray"), one("big", "big"), one("sideways", "sideways"),
       # the bad ones
       one("rgb", "missing", image="nowhere.png"),
       one("empty", "empty"),
@@ -75,25 +77,25 @@ def prepared(tmp_path_factory):
   data_dir = str(d / "tfds")
   report = datasets.prepare("llava_json/mix", data_dir, json_path=str(d / "data.json"),
                             image_dir=str(d / "images"), max_pixels=20000)
-  return data_dir, report
+  return data_dir, report, d / "images"
 
 
 def test_counts_by_reason(prepared):
-  data_dir, report = prepared
-  expected = {"kept": 13,
+  data_dir, report, _ = prepared
+  expected = {"kept": 14,
               "skipped": {"image_count_mismatch": 1, "image_empty": 1, "image_missing": 1, "image_unreadable": 1,
                           "invalid_record": 1, "no_assistant_turn": 1, "text_not_utf8": 1, "unknown_role": 1},
-              "repaired": {"downscaled": 1, "image_tag_added": 1, "mode_CMYK": 1, "mode_I;16": 1, "mode_L": 2,
+              "repaired": {"downscaled": 1, "exif_rotated": 1, "image_tag_added": 1, "mode_CMYK": 1, "mode_I;16": 1, "mode_L": 2,
                            "mode_LA": 1, "mode_P": 1, "mode_RGBA": 1}}
   builder = datasets.get_builder("llava_json/mix", data_dir)
   assert json.loads((builder.data_path / COUNTS_FILE).read_text()) == expected
   assert builder.info.metadata["record_counts"] == expected  # reloaded from disk
-  assert builder.info.splits["train"].num_examples == 13
+  assert builder.info.splits["train"].num_examples == 14
   assert '"image_missing": 1' in report
 
 
 def test_kept_records(prepared):
-  data_dir, _ = prepared
+  data_dir, _, image_dir = prepared
   source = loader.data_source("llava_json/mix", "train", data_dir)
   r = {rec["id"]: rec for rec in (source[i] for i in range(len(source)))}
   rgb = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
@@ -113,6 +115,7 @@ def test_kept_records(prepared):
   big = r["big"]["images"][0]
   assert big.shape == (115, 173, 3) and big.shape[0] * big.shape[1] <= 20000
   np.testing.assert_array_equal(big[50, 50], (1, 2, 3))
+  assert_upright(r["sideways"]["images"][0], image_dir / "sideways.jpg")
 
 
 def test_no_usable_record_is_an_error(tmp_path):

@@ -151,10 +151,11 @@ def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, r
 
 
 def read_image(path: str) -> np.ndarray:
-  """An image file (local or gs://) as uint8 [h, w, 3] RGB."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  """An image file (local or gs://) as uint8 [h, w, 3] RGB, upright: EXIF orientation applied, as transformers'
+  `load_image` does."""
+  from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
   with epath.Path(path).expanduser().open("rb") as f:
-    return np.asarray(Image.open(f).convert("RGB"))
+    return np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
 
 
 class Generator:

@@ -5,13 +5,13 @@ Roles: human -> user, gpt -> assistant, system -> system (ChatML has a system tu
 the record, since we cannot tell who speaks. Decisions, each counted under its reason:
 
 skipped                                           repaired (the record is kept)
-  invalid_record        not a dict / bad fields     mode_<M>         image mode M converted to RGB
+  invalid_record        not a dict / bad fields      mode_<M>         image mode M converted to RGB
   text_not_utf8         undecodable bytes in text    downscaled       over `max_pixels`: resized to fit
   unknown_role          a role we cannot map         image_tag_added  images but no `<image>` mark: one
   no_assistant_turn     nothing to learn from                         `<image>\\n` per image prepended
   image_count_mismatch  `<image>` marks != images                     to the first user turn (LLaVA's rule)
-  image_missing         file not found
-  image_empty           zero-byte file
+  image_missing         file not found               exif_rotated     EXIF orientation applied (stored
+  image_empty           zero-byte file                                sideways; decoders ignore the tag)
   image_unreadable      truncated / not an image / a decompression bomb
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 from etils import epath
 
 IMAGE_TAG = "<image>"
@@ -105,8 +106,12 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
   return image.convert("RGB")
 
 
+ORIENTATION = 0x0112  # the EXIF tag; transformers' load_image applies it (PIL.ImageOps.exif_transpose)
+
+
 def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
-  """Encoded bytes of an RGB image: the file's own bytes when it is a plain RGB JPEG/PNG, else PNG."""
+  """Encoded bytes of an upright RGB image: the file's own bytes when it is a plain RGB JPEG/PNG with no EXIF
+  rotation, else PNG."""
   try:
     data = path.read_bytes()
   except (FileNotFoundError, IsADirectoryError):
@@ -122,6 +127,9 @@ def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
           PIL.Image.DecompressionBombWarning) as e:
     raise Skip("image_unreadable", f"{path}: {e}") from None
   original_format, changed = image.format, False
+  if image.getexif().get(ORIENTATION, 1) != 1:  # a phone photo stored sideways: decoders ignore the tag
+    image, changed = PIL.ImageOps.exif_transpose(image), True
+    repairs.append("exif_rotated")
   if image.mode != "RGB":
     repairs.append(f"mode_{image.mode}")
     image, changed = _to_rgb(image), True
