@@ -22,7 +22,8 @@ def get_config() -> Config:
       image_token_id=32000, dtype="bfloat16", scan_layers=True, remat="full")
   data = DataConfig(data_dir="gs://YOUR_BUCKET/tensorflow_datasets",
                     tokenizer=TokenizerConfig(kind="hf", path="gs://YOUR_BUCKET/llava15/tokenizer"),
-                    seq_len=2048, max_tiles=1, image_splitting=False, packing=True)
+                    seq_len=2048, max_tiles=1, image_splitting=False, packing=True,
+                    image_resize="shortest_edge_crop")  # the llava-1.5-hf CLIPImageProcessor's 336 crop
   stages = (
       StageConfig(name="align", steps=2180, batch_size=256, trainable=("projector/.*",), task="conversation",
                   datasets=(("llava_json/blip_laion_cc_sbu_558k", 1.0),), lr=1e-3, warmup_steps=65, weight_decay=0.0,

@@ -55,8 +55,13 @@ def exported(request, hf_llava, tmp_path_factory, tokenizer_dir):
   mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ((0.5,) * 3, (0.5,) * 3)
   cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_mean=mean, image_std=std))
   out = tmp_path_factory.mktemp(f"export_{kind}")
-  export.export(params, cfg, tokenizer_dir, out, data=DataConfig(resample="bicubic"))
+  export.export(params, cfg, tokenizer_dir, out, data=data_for(kind))
   return kind, model, cfg, params, out
+
+
+def data_for(kind):
+  """CLIP exports with LLaVA-1.5's shortest-edge resize and centre crop; SigLIP with the square resize."""
+  return DataConfig(resample="bicubic", image_resize="shortest_edge_crop" if kind == "clip" else "square")
 
 
 def test_llava_hf_roundtrip_is_bit_identical(exported):
@@ -71,6 +76,15 @@ def test_llava_hf_roundtrip_is_bit_identical(exported):
 
 def test_llava_export_processor_generates_like_ours(exported, tokenizer_dir, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  _, _, cfg, params, out = exported
-  processor, _ = assert_export_generates_like_ours(out, cfg, params, tokenizer_dir, DataConfig(resample="bicubic"))
+  kind, _, cfg, params, out = exported
+  processor, _ = assert_export_generates_like_ours(out, cfg, params, tokenizer_dir, data_for(kind))
   assert processor.tokenizer.padding_side == "left"
+  assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor" if kind == "clip" else
+                                                             "SiglipImageProcessor")
+
+
+def test_import_hf_takes_the_resize_from_the_processor(exported, tmp_path):
+  kind, _, _, _, out = exported
+  config = load.import_hf(out, tmp_path / "imported")
+  assert config.data.image_resize == data_for(kind).image_resize
+  assert config.data.resample == "bicubic"

@@ -4,12 +4,12 @@ LlavaProcessor (one tile) must equal ours."""
 import numpy as np
 import pytest
 from fixtures_tokenizer import bpe_tokenizer
-from transformers import (Idefics3ImageProcessorPil, Idefics3Processor, LlavaProcessor, PreTrainedTokenizerFast,
-                          SiglipImageProcessorPil)
+from transformers import (CLIPImageProcessorPil, Idefics3ImageProcessorPil, Idefics3Processor, LlavaProcessor,
+                          PreTrainedTokenizerFast, SiglipImageProcessorPil)
 from transformers.image_utils import PILImageResampling
 
 from vlm_jax.config import Config, DataConfig, ModelConfig, ProjectorConfig, VisionConfig
-from vlm_jax.inputs import chat
+from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.examples import Preprocessor
 from vlm_jax.inputs.tokenizer import Tokenizer
 
@@ -92,3 +92,20 @@ def test_llava_processor_parity(tokenizer_dir, kind, strategy, mean, std, tokens
   hf_out = processor(images=imgs, text=text)
   assert (ours["input_ids"] == tok.image_id).sum() == tokens
   check_same(ours, hf_out["input_ids"][0], hf_out["pixel_values"])  # pixel_values [images, 3, H, W]
+
+
+@pytest.mark.parametrize("shape", [(45, 70), (70, 45), (33, 97), (32, 32), (20, 25)])
+def test_clip_shortest_edge_and_centre_crop_parity(shape):
+  """LLaVA-1.5's CLIPImageProcessor: shortest edge to 32 (aspect kept, rounded down), centre 32 x 32 (offsets
+  rounded down); upscaling too (20 x 25)."""
+  image = np.random.default_rng(2).integers(0, 256, shape + (3,), dtype=np.uint8)
+  cfg = Config(model=ModelConfig(vision=VisionConfig(kind="clip", image_size=32, patch_size=8, image_mean=CLIP_MEAN,
+                                                     image_std=CLIP_STD)),
+               data=DataConfig(image_resize="shortest_edge_crop", resample="bicubic"))
+  ours = images.process_image(image, cfg).tiles
+  hf = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=CLIP_MEAN,
+                             image_std=CLIP_STD, resample=PILImageResampling.BICUBIC)(images=[image])["pixel_values"]
+  assert ours.shape == (1, 32, 32, 3)
+  np.testing.assert_allclose(ours, np.asarray(hf, np.float32).transpose(0, 2, 3, 1), atol=1e-6)
+  square = images.process_image(image, Config(model=cfg.model, data=DataConfig(resample="bicubic"))).tiles
+  assert shape == (32, 32) or np.abs(square - ours).max() > 0.1  # the crop is not the squashing resize

@@ -195,6 +195,9 @@ class DataConfig:
   image_splitting: bool = False  # Idefics3 tiling (pixel-shuffle models) vs one tile per image
   max_image_size: int = 0  # splitting: longest edge is resized (up or down) to this, HF size.longest_edge (0: 4 * image_size)
   resample: str = "bicubic"  # bicubic | bilinear | nearest | lanczos (Idefics3)
+  # One tile per image (no splitting): square = resize to image_size x image_size (SigLIP, Idefics3);
+  # shortest_edge_crop = CLIPImageProcessor: shortest edge to image_size (aspect kept), then the centre square.
+  image_resize: str = "square"
   packing: bool = False
   padding_side: str = "right"  # right | left
   shuffle_seed: int = 0
@@ -274,6 +277,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "data.tokenizer.kind": ("sentencepiece", "hf"),
     "data.resample": ("bicubic", "bilinear", "nearest", "lanczos"),
+    "data.image_resize": ("square", "shortest_edge_crop"),
     "data.padding_side": ("right", "left"),
 }
 _STAGE_CHOICES = {"loss": ("lm", "contrastive"), "task": ("conversation", "caption", "text", "image_text")}

@@ -129,15 +129,21 @@ def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") 
 
 
 def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig()) -> Any:
-  """LlavaProcessor (one resized tile) or Idefics3Processor (tiles + global image) matching vlm_jax.inputs."""
+  """LlavaProcessor (one resized, or resized and centre-cropped, tile) or Idefics3Processor (tiles + global image)
+  matching vlm_jax.inputs."""
   import transformers
   v = cfg.vision
   common = dict(image_mean=list(v.image_mean), image_std=list(v.image_std),
                 resample=hf_config.PIL_RESAMPLE[data.resample], do_rescale=True, rescale_factor=1 / 255,
                 do_normalize=True, do_convert_rgb=True)
   if hf_config.check_exportable(cfg) == "llava":
-    image_processor = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
-                                                           do_resize=True, **common)
+    if data.image_resize == "shortest_edge_crop":
+      image_processor = transformers.CLIPImageProcessorPil(
+          size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size},
+          do_resize=True, do_center_crop=True, **common)
+    else:
+      image_processor = transformers.SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                                             do_resize=True, **common)
     strategy = v.select_strategy if v.kind == "clip" else "full"
     return transformers.LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=v.patch_size,

@@ -214,7 +214,10 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_l
       tokenizer=TokenizerConfig(kind="hf", path=str(tokenizer_dir), vocab_size=tok.vocab_size),
       image_splitting=model.projector.kind == "pixel_shuffle" and processor.get("do_image_splitting", True),
       max_image_size=size.get("longest_edge", 0) if model.projector.kind == "pixel_shuffle" else 0,
-      resample=resample_names.get(processor.get("resample"), "bicubic"))
+      resample=resample_names.get(processor.get("resample"), "bicubic"),
+      # LLaVA-1.5's CLIPImageProcessor: shortest edge, then the centre crop
+      image_resize="shortest_edge_crop" if model.projector.kind == "mlp" and processor.get("do_center_crop")
+      and "shortest_edge" in size else "square")
   stage = StageConfig(name=IMPORT_STAGE, steps=0, checkpoint_every=1, max_to_keep=1)
   config = Config(name=f"import_{hf_dir.name}", model=model, data=data, train=TrainConfig(stages=(stage,)))
   workdir.mkdir(parents=True, exist_ok=True)

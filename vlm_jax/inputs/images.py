@@ -2,7 +2,8 @@
 
 Two layouts:
 - One tile (`data.image_splitting=False`): each image resized to image_size x image_size (the SigLIP
-  processor's resize; Idefics3's unsplit square resize); prompt `<image>` * image_tokens_per_tile for
+  processor's resize; Idefics3's unsplit square resize), or with `data.image_resize=shortest_edge_crop` its
+  shortest edge resized to image_size and the centre square cut (CLIPImageProcessor, LLaVA-1.5's); prompt `<image>` * image_tokens_per_tile for
   MLP-projector (LLaVA) models, Idefics3's `<fake_token_around_image><global-img><image>*N<fake_...>` for
   pixel-shuffle models.
 - Idefics3 / SmolVLM tiling (`data.image_splitting=True`), matching transformers' Idefics3ImageProcessor and
@@ -48,6 +49,17 @@ def resize(image: np.ndarray, height: int, width: int, resample: str) -> np.ndar
   if image.shape[:2] == (height, width):
     return image
   return np.asarray(Image.fromarray(image).resize((width, height), resample=RESAMPLE[resample]))
+
+
+def shortest_edge_crop(image: np.ndarray, size: int, resample: str) -> np.ndarray:
+  """uint8 [h, w, 3] -> [size, size, 3]: the shortest edge resized to `size`, the other to int(size * long /
+  short), then the centre square (top-left rounded down), as CLIPImageProcessor does."""
+  h, w = image.shape[:2]
+  long = int(size * max(h, w) / min(h, w))
+  h, w = (long, size) if w <= h else (size, long)
+  image = resize(image, h, w, resample)
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top:top + size, left:left + size]
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
@@ -124,7 +136,9 @@ def process_image(image: np.ndarray, config: Config) -> ProcessedImage:
   size, resample = vision.image_size, data.resample
   tokens = config.model.image_tokens_per_tile
   if not data.image_splitting:
-    tiles, rows, cols = [resize(image, size, size, resample)], 0, 0
+    square = shortest_edge_crop(image, size, resample) if data.image_resize == "shortest_edge_crop" else \
+        resize(image, size, size, resample)
+    tiles, rows, cols = [square], 0, 0
   else:
     longest = data.max_image_size or 4 * size
     image = resize(image, *longest_edge_size(*image.shape[:2], longest), resample)
