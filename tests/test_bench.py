@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vlm_jax import cli, config, flops
+from vlm_jax import cli, config, flops, host_memory
 
 pytestmark = pytest.mark.torch
 
@@ -38,6 +38,7 @@ def test_required_keys_are_positive_numbers(results):
   for key in REQUIRED:
     value = get(results, key)
     assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+  assert results["host_malloc"] == host_memory.active()  # "system" here: pytest is not the re-executed command
 
 
 def test_throughput_and_mfu_follow_from_the_recorded_numbers(results):
