@@ -35,11 +35,11 @@ def _child(mode):
 
 def test_tuned_env_appends_once_and_respects_the_users_choice():
   tuned = host_memory.tuned_env({"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on", "HOME": "/h"})
-  assert tuned == {"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on:" + ":".join(host_memory.TUNABLES), "HOME": "/h"}
+  assert tuned == {"GLIBC_TUNABLES": "glibc.cpu.x86_ibt=on:" + host_memory.TUNABLE, "HOME": "/h"}
   assert host_memory.tuned_env(tuned) is None
   assert host_memory.tuned_env({host_memory.OPT_OUT: "system"}) is None
   assert host_memory.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's own value stands
-  assert host_memory.tuned_env({})["GLIBC_TUNABLES"] == ":".join(host_memory.TUNABLES)
+  assert host_memory.tuned_env({})["GLIBC_TUNABLES"] == host_memory.TUNABLE
 
 
 def test_cli_main_reexecs_only_as_the_command(monkeypatch, capsys):
@@ -65,11 +65,12 @@ def _thp_mode():
 def test_reexec_sets_the_tunables_and_stops_page_faults_per_call():
   system_faults, system_label = _child("system")
   tuned_faults, tuned_label = _child("tuned")
-  assert (system_label, tuned_label) == ("system", ":".join(host_memory.TUNABLES))
-  if _thp_mode() == "never":
+  assert (system_label, tuned_label) == ("system", host_memory.TUNABLE)
+  thp = _thp_mode()
+  if thp == "never":
     pytest.skip("transparent huge pages are off in this kernel: glibc.malloc.hugetlb=1 has nothing to ask for")
   # 128 MB of fresh 4 KiB pages is 32768 faults a call; in 2 MB pages, 64 (measured: ~35000 vs ~1400, the rest
   # from the smaller buffers that stay on 4 KiB pages).
   assert tuned_faults < 5000, (system_faults, tuned_faults)
-  if _thp_mode() == "madvise":  # with THP always, even glibc's plain mmaps fault in 2 MB pages
+  if thp == "madvise":  # with THP always, even glibc's plain mmaps fault in 2 MB pages
     assert system_faults > 20000, (system_faults, tuned_faults)

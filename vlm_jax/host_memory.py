@@ -22,30 +22,28 @@ import os
 import platform
 import sys
 
-TUNABLES = ("glibc.malloc.hugetlb=1",)
+TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "VLM_JAX_MALLOC"
 
 
 def tuned_env(env: dict[str, str]) -> dict[str, str] | None:
-  """`env` with TUNABLES appended to GLIBC_TUNABLES, or None when opted out of, not glibc, or when GLIBC_TUNABLES
-  already names any of them (with any value: the user's choice stands)."""
+  """`env` with TUNABLE appended to GLIBC_TUNABLES, or None when opted out of, not glibc, or when GLIBC_TUNABLES
+  already names glibc.malloc.hugetlb (with any value: the user's choice stands)."""
   if env.get(OPT_OUT) == "system" or platform.libc_ver()[0] != "glibc":
     return None
   current = env.get("GLIBC_TUNABLES", "")
-  named = {item.split("=")[0] for item in current.split(":")}
-  if any(t.split("=")[0] in named for t in TUNABLES):
+  if TUNABLE.split("=")[0] in {item.split("=")[0] for item in current.split(":")}:
     return None
-  return {**env, "GLIBC_TUNABLES": ":".join([current, *TUNABLES] if current else TUNABLES)}
+  return {**env, "GLIBC_TUNABLES": f"{current}:{TUNABLE}" if current else TUNABLE}
 
 
 def active() -> str:
-  """What the bench reports: the tunables this process started with, or "system"."""
-  current = os.environ.get("GLIBC_TUNABLES", "").split(":")
-  return ":".join(TUNABLES) if all(t in current for t in TUNABLES) else "system"
+  """What the bench reports: TUNABLE if this process started with it, else "system"."""
+  return TUNABLE if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":") else "system"
 
 
 def reexec_tuned() -> None:
-  """Replaces this process by the same command line with TUNABLES set (same pid, stdio and arguments); returns
+  """Replaces this process by the same command line with TUNABLE set (same pid, stdio and arguments); returns
   without doing anything when they are set already or do not apply."""
   env = tuned_env(dict(os.environ))
   if env is not None:

@@ -22,6 +22,7 @@ import json
 import warnings
 
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 from etils import epath
@@ -106,9 +107,6 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
   return image.convert("RGB")
 
 
-ORIENTATION = 0x0112  # the EXIF tag; transformers' load_image applies it (PIL.ImageOps.exif_transpose)
-
-
 def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
   """Encoded bytes of an upright RGB image: the file's own bytes when it is a plain RGB JPEG/PNG with no EXIF
   rotation, else PNG."""
@@ -127,7 +125,8 @@ def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
           PIL.Image.DecompressionBombWarning) as e:
     raise Skip("image_unreadable", f"{path}: {e}") from None
   original_format, changed = image.format, False
-  if image.getexif().get(ORIENTATION, 1) != 1:  # a phone photo stored sideways: decoders ignore the tag
+  # A photo stored sideways: decoders ignore the tag, transformers' load_image applies it (exif_transpose).
+  if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
     image, changed = PIL.ImageOps.exif_transpose(image), True
     repairs.append("exif_rotated")
   if image.mode != "RGB":
