@@ -57,3 +57,26 @@ def test_scale_features_gradients():
   assert dx.dtype == jnp.bfloat16 and dscale.dtype == jnp.float32
   exact = np.sum(np.asarray(g16, np.float64) * np.asarray(x16, np.float64), axis=(0, 1))
   np.testing.assert_allclose(dscale, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_unembed_gradients():
+  """The tied output head x . table^T: float32 gradients equal autodiff; with bf16 x, under jit (where
+  `matmul(x, table.T)` failed on XLA:CPU: "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"),
+  the output and the table's [V, D] gradient are the float32 sums of the bf16 products (float64 numpy)."""
+  x, kernel, g = _inputs(jnp.float32)
+  table = kernel.T  # [V=24, D=16]
+  ours = jax.vjp(layers.unembed, x, table)
+  ref = jax.vjp(lambda x, t: jnp.einsum("bsd,vd->bsv", x, t), x, table)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+  for a, b in zip(ours[1](g), ref[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  x16 = x.astype(jnp.bfloat16)
+  y, (dx, dtable) = jax.jit(lambda x, t, g: (layers.unembed(x, t), jax.vjp(layers.unembed, x, t)[1](g)))(
+      x16, table, g)
+  assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dtable.dtype == jnp.float32
+  x64, t64 = np.asarray(x16, np.float64), np.asarray(table.astype(jnp.bfloat16), np.float64)
+  g64 = np.asarray(g.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(y, np.einsum("bsd,vd->bsv", x64, t64), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(dtable, np.einsum("bsv,bsd->vd", g64, x64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum("bsv,vd->bsd", g64, t64), rtol=1e-2, atol=1e-2)

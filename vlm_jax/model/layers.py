@@ -80,6 +80,33 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @jax.custom_vjp
+def unembed(x: jax.Array, table: jax.Array) -> jax.Array:
+  """x [..., D] . table [V, D]^T (a float32 embedding table) -> the float32 accumulator [..., V]: a tied output
+  head, with `matmul`'s numerics (x's dtype in, float32 sums, bf16 cotangents for bf16 x).
+
+  The table's gradient comes out [V, D], in its own layout, as g^T . x. Written as `matmul(x, table.T)` it came
+  out [D, V] and was transposed back: a copy of the whole table every step.
+  """
+  return _unembed_fwd(x, table)[0]
+
+
+def _unembed_fwd(x, table):
+  t = table.astype(x.dtype)
+  return jax.lax.dot_general(x, t, _dims([x.ndim - 1], [1]), preferred_element_type=jnp.float32), (x, t)
+
+
+def _unembed_bwd(residuals, g):
+  x, t = residuals
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, t, _dims([g.ndim - 1], [0]), preferred_element_type=jnp.float32)
+  rows = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+  return dx.astype(x.dtype), jax.lax.dot_general(*rows, _dims([0], [0]), preferred_element_type=jnp.float32)
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+@jax.custom_vjp
 def scale_features(x: jax.Array, scale: jax.Array) -> jax.Array:
   """x [..., D] * scale [D] (a float32 param, cast to x's dtype first) -> x's dtype: a norm's learned scale.
 
@@ -160,7 +187,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output head: x [..., features] -> float32 [..., num_embeddings]."""
-    return matmul(x.astype(self.dtype), self.embedding.T, 1, True)
+    return unembed(x.astype(self.dtype), self.embedding)
 
 
 class RMSNorm(nn.Module):
