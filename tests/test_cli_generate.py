@@ -63,5 +63,12 @@ def test_eval_prints_the_table_and_the_results_path(trained, capsys):
   w, _, _ = trained
   out = _run(capsys, ["eval", "--workdir", w, "--limit", "3", "--batch-size", "4"])
   results = json.loads(evaluate.results_path(w).read_text())
-  assert results["n"] == 9
-  assert out == evaluate.format_table(results) + f"\nresults: {evaluate.results_path(w)}\n"
+  assert out == (evaluate.format_table(results) + f"\nresults: {evaluate.results_path(w)}\n"
+                 f"answers: {evaluate.predictions_path(w)}\n")
+  # The API on the same 3 records gives the same scores and the same answers.
+  cfg, params, tok = workdir.load(w)
+  want, predictions = evaluate.score(Generator(cfg, params, tok), evaluate.eval_records(cfg, limit=3),
+                                     batch_size=4, progress=False)
+  assert results == want and results["n"] == 9
+  lines = evaluate.predictions_path(w).read_text().splitlines()
+  assert [json.loads(line) for line in lines] == predictions

@@ -105,11 +105,20 @@ def test_oracle_scores_one_and_constant_yes_scores_the_yes_fraction(shapes_data_
   qs = evaluate.questions(records)
   types = sorted({q.type for q in qs})
   assert {"presence", "count", "colour"} <= set(types)
-  results, samples = evaluate.score(_oracle(records), records, batch_size=7, progress=False)
+  results, predictions = evaluate.score(_oracle(records), records, batch_size=7, progress=False)
   assert results["accuracy"] == {**{t: 1.0 for t in types}, "overall": 1.0}
   assert results["blind_accuracy"]["overall"] == 0.0  # the oracle knows only the real pixels
   assert results["caption_f1"] == 1.0 and results["n"] == len(qs) == 96
-  assert len(samples) == evaluate.GRID_SAMPLES and samples[0][1].startswith(f"got {qs[0].answer} | ref ")
+  captioned = [r for r in records if r["images"] and r["caption"]]
+  assert len(predictions) == len(qs) + len(captioned)
+  for p, q in zip(predictions, qs):
+    assert p == {"id": q.record_id, "type": q.type, "question": q.text, "reference": q.answer, "answer": q.answer,
+                 "blind_answer": p["blind_answer"]} and p["blind_answer"] != q.answer
+  assert [(p["id"], p["type"], p["answer"]) for p in predictions[len(qs):]] == [
+      (r["id"], "caption", r["caption"]) for r in captioned]
+  samples = evaluate.grid_samples(records, predictions)
+  assert len(samples) == evaluate.GRID_SAMPLES
+  assert samples[0][1] == f"got {qs[0].answer} | ref {qs[0].answer} | {qs[0].text}"
 
   results, _ = evaluate.score(Stub(constant="Yes."), records, batch_size=16, progress=False)
   presence = [q.answer for q in qs if q.type == "presence"]
@@ -165,12 +174,27 @@ def test_evaluate_end_to_end_on_a_tiny_random_model(shapes_data_dir, tmp_path):
   assert results["n"] == len(qs) == 12
   types = sorted({q.type for q in qs})
   assert list(results["accuracy"]) == list(results["blind_accuracy"]) == types + ["overall"]
-  # The same answers straight from the Python API on the last finished stage's params.
+  # The same answers, token for token, straight from the Python API on the last finished stage's params.
   generator = Generator(*workdir_lib.load(tmp_path, "instruct"))
-  answers = [r.text for r in generator.generate([(q.images, q.prompt) for q in qs],
-                                                max_new_tokens=evaluate.ANSWER_TOKENS)]
+
+  def ask(requests, tokens):
+    return [r.text for r in generator.generate(requests, max_new_tokens=tokens)]
+  answers = ask([(q.images, q.prompt) for q in qs], evaluate.ANSWER_TOKENS)
+  blind = ask([(evaluate.blind(q.images), q.prompt) for q in qs], evaluate.ANSWER_TOKENS)
+  captioned = [r for r in records if r["images"] and r["caption"]]
+  captions = ask([(r["images"], "\n".join(["<image>"] * len(r["images"]))) for r in captioned],
+                 evaluate.CAPTION_TOKENS)
+  lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+  predictions = [json.loads(line) for line in lines]
+  assert [p["answer"] for p in predictions] == answers + captions
+  assert [p.get("blind_answer") for p in predictions[:len(qs)]] == blind
+  assert any(answers) and any(captions)  # the random model says something, so the comparison has content
+  types = [q.type for q in qs]
   assert results["accuracy"] == evaluate.accuracy_by_type(
-      [q.type for q in qs], [evaluate.exact_match(a, q.answer) for a, q in zip(answers, qs)])
-  assert 0.0 <= results["caption_f1"] <= 1.0
+      types, [evaluate.exact_match(a, q.answer) for a, q in zip(answers, qs)])
+  assert results["blind_accuracy"] == evaluate.accuracy_by_type(
+      types, [evaluate.exact_match(a, q.answer) for a, q in zip(blind, qs)])
+  assert results["caption_f1"] == np.mean([evaluate.token_f1(c, r["caption"]) for c, r in zip(captions, captioned)])
   assert json.loads((tmp_path / "eval" / "results.json").read_text()) == results
-  assert (tmp_path / "eval" / "samples.png").stat().st_size > 0
+  grid = Image.open(tmp_path / "eval" / "samples.png")
+  assert grid.size == (4 * 160, 2 * (160 + 64))  # 8 of the 12 questions, 4 columns

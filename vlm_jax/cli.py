@@ -68,6 +68,7 @@ def cmd_eval(args) -> int:
                               data_dir=args.data_dir, stage=args.stage)
   print(evaluate.format_table(results))
   print(f"results: {evaluate.results_path(args.workdir)}")
+  print(f"answers: {evaluate.predictions_path(args.workdir)}")
   return 0
 
 

@@ -1,7 +1,8 @@
 """Evaluation: exact match per question type, a blind baseline (grey images), caption token F1.
 
 `evaluate(...)` asks a generator for answers to every question of a split, once with the real images and
-once blind, and writes `W/eval/results.json` and a PNG grid of samples. Scoring functions are pure.
+once blind, and writes `W/eval/results.json`, every answer to `W/eval/predictions.jsonl` and a PNG grid of
+samples. Scoring functions are pure.
 
 How questions are asked: each assistant turn of a record is one question, asked on its own as a single user
 turn (`<image>\n` per record image, then the question text; greedy decoding), not after the record's earlier
@@ -106,6 +107,11 @@ def results_path(workdir: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(workdir) / "eval" / "results.json"
 
 
+def predictions_path(workdir: str | pathlib.Path) -> pathlib.Path:
+  """W/eval/predictions.jsonl."""
+  return pathlib.Path(workdir) / "eval" / "predictions.jsonl"
+
+
 def write_results(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
   out = results_path(workdir)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,12 +176,14 @@ def _answers(generator: Any, requests: list[tuple[list[np.ndarray], str]], max_n
 
 
 def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16,
-          progress: bool = True) -> tuple[dict, list[tuple[np.ndarray, str]]]:
+          progress: bool = True) -> tuple[dict, list[dict]]:
   """Asks `generator` (anything with `generate(requests, max_new_tokens=...) -> [Result]`, greedy) every
-  question with images and blind, and a caption per record.
+  question with images and blind, and a caption per record with images and a caption.
 
-  Returns (results, samples): results {"accuracy": {type: x, "overall": x}, "blind_accuracy": {...},
-  "caption_f1": x, "n": questions}; samples ~GRID_SAMPLES (image uint8 [h, w, 3], text) for the grid.
+  Returns (results, predictions): results {"accuracy": {type: x, "overall": x}, "blind_accuracy": {...},
+  "caption_f1": x, "n": questions}; predictions one dict per question, in `questions(records)` order ("id",
+  "type", "question", "reference", "answer", "blind_answer"), then one per caption ("id", "type": "caption",
+  "reference", "answer").
   """
   qs = questions(records)
   captioned = [r for r in records if r["images"] and r["caption"]]
@@ -193,9 +201,20 @@ def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16,
                     if captioned else 0.0,
       "n": len(qs),
   }
+  predictions = [{"id": q.record_id, "type": q.type, "question": q.text, "reference": q.answer, "answer": a,
+                  "blind_answer": b} for q, a, b in zip(qs, answers, blind_answers)]
+  predictions += [{"id": r["id"], "type": "caption", "reference": r["caption"], "answer": c}
+                  for r, c in zip(captioned, captions)]
+  return results, predictions
+
+
+def grid_samples(records: Sequence[dict], predictions: Sequence[dict]) -> list[tuple[np.ndarray, str]]:
+  """~GRID_SAMPLES questions spread over the split, as (images side by side uint8 [h, w, 3], "got | ref |
+  question") for `save_grid`."""
+  qs = questions(records)
   picks = np.unique(np.linspace(0, len(qs) - 1, min(GRID_SAMPLES, len(qs))).astype(int)) if qs else []
-  samples = [(side_by_side(qs[i].images), f"got {answers[i]} | ref {qs[i].answer} | {qs[i].text}") for i in picks]
-  return results, samples
+  return [(side_by_side(qs[i].images), f"got {predictions[i]['answer']} | ref {qs[i].answer} | {qs[i].text}")
+          for i in picks]
 
 
 def side_by_side(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -234,7 +253,8 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | N
              generator: Any = None, progress: bool = True) -> dict:
   """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
   `dataset` (default the first dataset of its last conversation stage), the first `limit` records only if
-  given. Writes W/eval/results.json and W/eval/samples.png; returns the results (see `score`)."""
+  given. Writes W/eval/results.json, W/eval/predictions.jsonl (one line per answer, see `score`) and
+  W/eval/samples.png; returns the results (see `score`)."""
   # pylint: disable=import-outside-toplevel  (model and checkpoint imports only when evaluating)
   from vlm_jax import workdir as workdir_lib
   from vlm_jax.generate import Generator
@@ -242,7 +262,9 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | N
   if generator is None:
     generator = Generator(*workdir_lib.load(workdir, stage))
   records = eval_records(config, split, limit, data_dir, dataset)
-  results, samples = score(generator, records, batch_size=batch_size, progress=progress)
+  results, predictions = score(generator, records, batch_size=batch_size, progress=progress)
   write_results(workdir, results)
+  predictions_path(workdir).write_text("".join(json.dumps(p) + "\n" for p in predictions))
+  samples = grid_samples(records, predictions)
   save_grid(pathlib.Path(workdir) / "eval" / "samples.png", [im for im, _ in samples], [t for _, t in samples])
   return results
