@@ -47,6 +47,9 @@ def test_topology_next_to_the_cpu_backend():
   assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
   with pytest.raises(config.ConfigError, match="v5e:2x4"):
     aot.topology_devices("v7x:2x2")
+  with pytest.raises(config.ConfigError, match=r"Topology 'v5e:3x3': libtpu does not know this shape \(.*\); use "
+                                               r"a shape the chip comes in, e.g. v5e:2x4"):
+    aot.topology_devices("v5e:3x3")
 
 
 def test_memory_stats_of_a_sharded_matmul():

@@ -72,3 +72,32 @@ def test_eval_prints_the_table_and_the_results_path(trained, capsys):
   assert results == want and results["n"] == 9
   lines = evaluate.predictions_path(w).read_text().splitlines()
   assert [json.loads(line) for line in lines] == predictions
+
+
+def test_bad_input_is_one_line_saying_what_and_where(trained, tmp_path, capsys, monkeypatch):
+  w, paths, _ = trained
+  missing = str(tmp_path / "nope.png")
+  not_image = tmp_path / "notes.png"
+  not_image.write_text("not an image")
+
+  def fails(argv):
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith(f"({cli.TRACEBACK_ENV}=1 shows where it was raised)\n")
+    return err.splitlines()[0]
+  # The image is read before the workdir: a bad path fails at once, even with a missing workdir.
+  assert fails(["generate", "--workdir", str(tmp_path / "none"), "--image", missing, "--prompt", "Hi"]) == (
+      f"vlm-jax generate: FileNotFoundError: [Errno 2] No such file or directory: '{missing}'")
+  assert fails(["generate", "--workdir", w, "--image", str(not_image), "--prompt", "Hi"]) == (
+      f"vlm-jax generate: ValueError: {not_image} is not an image PIL can read (PNG, JPEG, ...).")
+  assert fails(["generate", "--workdir", w, "--prompt", "<image> What colour?"]) == (
+      "vlm-jax generate: ValueError: The prompt holds 1 <image> mark(s) for 0 image(s): give one image per mark, "
+      "in order, or no marks (the images then go first).")
+  assert fails(["generate", "--workdir", w, "--image", paths[0], "--prompt", "a", "--raw"]) == (
+      "vlm-jax generate: ValueError: The prompt holds 0 <image> mark(s) for 1 image(s): a raw prompt needs one "
+      "mark per image, in order.")
+  assert fails(["eval", "--workdir", str(tmp_path / "none")]).startswith(
+      f"vlm-jax eval: FileNotFoundError: {tmp_path / 'none'}")
+  monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+  with pytest.raises(FileNotFoundError):
+    cli.main(["generate", "--workdir", w, "--image", missing, "--prompt", "Hi"])

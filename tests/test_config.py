@@ -45,6 +45,12 @@ def test_unknown_stage_names_close_matches():
     ("model.dtype=float16", "model.dtype='float16' is not one of ('float32', 'bfloat16')."),
     ("model.decoder=3", "model.decoder: is a group; set one of its keys, e.g. model.decoder.vocab_size=..."),
     ("steps", "Override 'steps' must look like key=value, e.g. train.stages.align.steps=100."),
+    ("model.decoder.num_layers=0", "model.decoder.num_layers=0 must be a positive size."),
+    ("model.vision.depth=-3", "model.vision.depth=-3 must be a positive size."),
+    ("data.seq_len=300", "data.seq_len=300 is longer than model.decoder.max_seq_len=256 (the RoPE / cache length "
+                         "the model is built for): raise max_seq_len or shorten seq_len."),
+    ("train.stages.align.lr=-1", "train.stages.align: lr, warmup_steps, weight_decay and grad_clip must be >= 0 "
+                                 "(got lr=-1.0, warmup_steps=20, weight_decay=0.0, grad_clip=1.0)."),
 ])
 def test_bad_values_say_what_and_where(override, expected):
   with pytest.raises(config.ConfigError) as e:

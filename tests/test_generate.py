@@ -85,7 +85,8 @@ def test_prompts_render_like_training():
   raw = gen.encode(REQUESTS[1][0], "<image> The circle is", raw=True)
   assert tok.decode(raw["input_ids"]) == f"{img} The circle is"
   np.testing.assert_array_equal(raw["tiles"], chat["tiles"])
-  with pytest.raises(ValueError, match="one <image> per image"):
+  with pytest.raises(ValueError, match=r"The prompt holds 1 <image> mark\(s\) for 2 image\(s\): a raw prompt "
+                                       r"needs one mark per image"):
     gen.encode(REQUESTS[2][0], "<image> only one", raw=True)
 
 

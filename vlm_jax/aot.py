@@ -64,7 +64,11 @@ def topology_devices(topology: str) -> tuple[Chip, list[Any], int]:
   # Compiling touches no TPU, so let libtpu load next to another process that holds it (a run, or a
   # parallel test); without this libtpu refuses with "Internal error when accessing libtpu lockfile".
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  try:
+    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  except RuntimeError as e:  # jax.errors.JaxRuntimeError: a shape this chip does not come in
+    raise ConfigError(f"Topology {topology!r}: libtpu does not know this shape ({str(e).splitlines()[0]}); use a "
+                      f"shape the chip comes in, e.g. v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4.") from e
   chips = len({tuple(d.coords) for d in devices})
   return CHIPS[kind], devices, chips
 

@@ -3,17 +3,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vlm_jax import config as config_lib
 from vlm_jax import host_memory
 
 
+TRACEBACK_ENV = "VLM_JAX_TRACEBACK"
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--config", required=required,
                  help="config name in configs/ (e.g. shapes_tiny) or a path to a .py file with get_config()")
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                 help="overrides, e.g. train.stages.align.steps=100 model.decoder.num_layers=2")
+                 help="overrides, e.g. train.stages.align.steps=100 model.decoder.num_layers=2 (--set takes every "
+                 "KEY=VALUE up to the next option)")
 
 
 def _load(args) -> config_lib.Config:
@@ -54,8 +59,9 @@ def cmd_data_show(args) -> int:
 
 def cmd_generate(args) -> int:
   from vlm_jax import generate, workdir  # pylint: disable=import-outside-toplevel
+  images = [generate.read_image(p) for p in args.image]  # bad paths fail before the model loads
   generator = generate.Generator(*workdir.load(args.workdir, args.stage))
-  result = generator.generate([([generate.read_image(p) for p in args.image], args.prompt)],
+  result = generator.generate([(images, args.prompt)],
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, raw=args.raw)[0]
   print(json.dumps({"text": result.text, "token_ids": result.token_ids}) if args.json else result.text)
@@ -140,30 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image", action="append", default=[], help="an image file; repeat for several, in order")
   p.add_argument("--prompt", required=True, help="the user turn; <image> marks where images go (default: first)")
   p.add_argument("--raw", action="store_true", help="use the prompt verbatim, without the chat template")
-  p.add_argument("--max-new-tokens", type=int, default=32)
+  p.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-k", type=int, default=0, help="0 = off")
   p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
   p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
   p.set_defaults(fn=cmd_generate)
 
   p = sub.add_parser("eval", help="accuracy per question type, blind baseline and caption F1 of a workdir")
   p.add_argument("--workdir", required=True)
   p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
-  p.add_argument("--split", default="test")
+  p.add_argument("--split", default="test", help="(default: %(default)s)")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--batch-size", type=int, default=16, help="requests per generate call (default: %(default)s)")
   p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the config's data.data_dir)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("export", help="write a workdir's model as a transformers directory (LLaVA or Idefics3)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--out", required=True, help="output directory (local)")
   p.add_argument("--stage", default=None, help="stage whose params to export (default: the last finished)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="weights' dtype in the export (default: %(default)s)")
   p.add_argument("--format", default="hf", choices=("hf", "torch"),
-                 help="hf: transformers directory with processor; torch: plain state_dict + name map")
+                 help="hf: transformers directory with processor; torch: plain state_dict + name map "
+                 "(default: %(default)s)")
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("import-hf", help="turn a transformers LLaVA / Idefics3 directory into a vlm_jax workdir")
@@ -187,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4")
   p.add_argument("--stage", default=None, help="stage to compile (default: the last)")
   p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the stage's)")
-  p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.seq_len)")
+  p.add_argument("--seq-len", type=int, default=None,
+                 help="tokens per row (default: the stage's row length: its seq_len, else data.seq_len)")
   p.set_defaults(fn=cmd_aot)
 
   p = sub.add_parser("bench", help="time the train step and generation against this machine's matmul peak (MFU) "
@@ -205,13 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
   csub = p.add_subparsers(dest="config_command", required=True)
   q = csub.add_parser("show", help="print the resolved config (after --set overrides) as JSON")
   q.add_argument("config", help="config name or path")
-  q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides; put --set after the name")
   q.set_defaults(fn=cmd_config_show)
 
   p = sub.add_parser("data", help="dataset tools: prepare, show")
   dsub = p.add_subparsers(dest="data_command", required=True)
   q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json) into --data-dir")
-  q.add_argument("name", help="builder name: shapes_vqa or llava_json")
+  q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), or llava_json (with --json)")
   q.add_argument("--data-dir", required=True, help="TFDS data dir (local or gs://)")
   q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                  help="builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
@@ -220,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
   q.set_defaults(fn=cmd_data_prepare)
   q = dsub.add_parser("show", help="print what the model sees for a few batch rows")
   _add_config_args(q)
-  q.add_argument("--split", default="train")
+  q.add_argument("--split", default="train", help="(default: %(default)s)")
   q.add_argument("--stage", default=None, help="stage whose task/datasets to use (default: the last stage)")
-  q.add_argument("-n", type=int, default=2, help="rows to show")
+  q.add_argument("-n", type=int, default=2, help="rows to show (default: %(default)s)")
   q.set_defaults(fn=cmd_data_show)
   return parser
 
@@ -236,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as e:
     print(f"vlm-jax: config error: {e}", file=sys.stderr)
     return 2
+  except (OSError, ValueError) as e:  # bad input: a missing file or workdir, an unprepared dataset, a bad image
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    command = " ".join(c for c in (args.command, getattr(args, f"{args.command}_command", None)) if c)
+    print(f"vlm-jax {command}: {type(e).__name__}: {e}\n({TRACEBACK_ENV}=1 shows where it was raised)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

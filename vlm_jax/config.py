@@ -323,11 +323,27 @@ def validate(cfg: Config) -> Config:
                         f"got seq_len={s.seq_len}, max_tiles={s.max_tiles}.")
     if s.loss == "contrastive" and not cfg.model.contrastive.enabled:
       raise ConfigError(f"train.stages.{s.name}.loss='contrastive' needs model.contrastive.enabled=True.")
+    if s.lr < 0 or s.warmup_steps < 0 or s.weight_decay < 0 or s.grad_clip < 0:
+      raise ConfigError(f"train.stages.{s.name}: lr, warmup_steps, weight_decay and grad_clip must be >= 0 (got "
+                        f"lr={s.lr}, warmup_steps={s.warmup_steps}, weight_decay={s.weight_decay}, "
+                        f"grad_clip={s.grad_clip}).")
     if s.eval_every < 0 or (s.eval_every and s.eval_limit <= 0):
       raise ConfigError(f"train.stages.{s.name}: need eval_every >= 0 (0: no evaluation while training) and "
                         f"eval_limit > 0 records when evaluating (got eval_every={s.eval_every}, "
                         f"eval_limit={s.eval_limit}).")
   v, d = cfg.model.vision, cfg.model.decoder
+  sizes = {f"model.decoder.{f}": getattr(d, f) for f in ("vocab_size", "width", "num_layers", "num_heads",
+                                                           "num_kv_heads", "mlp_dim", "max_seq_len")}
+  if v.kind != "none":
+    sizes.update({f"model.vision.{f}": getattr(v, f) for f in ("image_size", "patch_size", "width", "depth",
+                                                                "num_heads", "mlp_dim")})
+  sizes["data.seq_len"] = cfg.data.seq_len
+  for path, size in sizes.items():
+    if size <= 0:
+      raise ConfigError(f"{path}={size} must be a positive size.")
+  if cfg.data.seq_len > d.max_seq_len:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than model.decoder.max_seq_len={d.max_seq_len} "
+                      f"(the RoPE / cache length the model is built for): raise max_seq_len or shorten seq_len.")
   if v.image_size % v.patch_size:
     raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}.")
   if v.kind != "none" and v.width % v.num_heads:

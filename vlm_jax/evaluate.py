@@ -18,13 +18,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import pathlib
 import re
 import string
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from vlm_jax.config import Config
 from vlm_jax.inputs.examples import caption_prompt
@@ -82,7 +82,7 @@ def format_table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def save_grid(path: str | pathlib.Path, images: Iterable[np.ndarray], captions: Iterable[str],
+def save_grid(path: str | epath.PathLike, images: Iterable[np.ndarray], captions: Iterable[str],
               cols: int = 4, cell: int = 160) -> None:
   """Writes a PNG grid: each image [h, w, 3] uint8 scaled into a cell with its text underneath."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
@@ -98,21 +98,23 @@ def save_grid(path: str | pathlib.Path, images: Iterable[np.ndarray], captions: 
     canvas.paste(pil, (c * cell + 4, r * (cell + text_h) + 4))
     lines = [cap[j:j + 26] for j in range(0, min(len(cap), 26 * 4), 26)]
     draw.multiline_text((c * cell + 4, r * (cell + text_h) + cell), "\n".join(lines), fill="black")
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:  # local or gs://
+    canvas.save(f, format="PNG")
 
 
-def results_path(workdir: str | pathlib.Path) -> pathlib.Path:
-  """W/eval/results.json."""
-  return pathlib.Path(workdir) / "eval" / "results.json"
+def results_path(workdir: str | epath.PathLike) -> epath.Path:
+  """W/eval/results.json (local or gs://)."""
+  return epath.Path(workdir) / "eval" / "results.json"
 
 
-def predictions_path(workdir: str | pathlib.Path) -> pathlib.Path:
+def predictions_path(workdir: str | epath.PathLike) -> epath.Path:
   """W/eval/predictions.jsonl."""
-  return pathlib.Path(workdir) / "eval" / "predictions.jsonl"
+  return epath.Path(workdir) / "eval" / "predictions.jsonl"
 
 
-def write_results(workdir: str | pathlib.Path, results: dict) -> pathlib.Path:
+def write_results(workdir: str | epath.PathLike, results: dict) -> epath.Path:
   out = results_path(workdir)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -248,7 +250,7 @@ def as_metrics(results: dict) -> dict[str, float]:
   return {**out, "eval/caption_f1": results["caption_f1"], "eval/questions": float(results["n"])}
 
 
-def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
+def evaluate(workdir: str | epath.PathLike, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
              data_dir: str | None = None, stage: str | None = None, dataset: str | None = None,
              generator: Any = None, progress: bool = True) -> dict:
   """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
@@ -266,5 +268,5 @@ def evaluate(workdir: str | pathlib.Path, *, split: str = "test", limit: int | N
   write_results(workdir, results)
   predictions_path(workdir).write_text("".join(json.dumps(p) + "\n" for p in predictions))
   samples = grid_samples(records, predictions)
-  save_grid(pathlib.Path(workdir) / "eval" / "samples.png", [im for im, _ in samples], [t for _, t in samples])
+  save_grid(epath.Path(workdir) / "eval" / "samples.png", [im for im, _ in samples], [t for _, t in samples])
   return results

@@ -153,9 +153,13 @@ def _decode(params, cache, first_logits: jax.Array, prompt_lengths: jax.Array, r
 def read_image(path: str) -> np.ndarray:
   """An image file (local or gs://) as uint8 [h, w, 3] RGB, upright: EXIF orientation applied, as transformers'
   `load_image` does."""
-  from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
+  from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
   with epath.Path(path).expanduser().open("rb") as f:
-    return np.asarray(ImageOps.exif_transpose(Image.open(f)).convert("RGB"))
+    try:
+      image = Image.open(f)
+    except UnidentifiedImageError as e:
+      raise ValueError(f"{path} is not an image PIL can read (PNG, JPEG, ...).") from e
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 class Generator:
@@ -171,15 +175,16 @@ class Generator:
   def encode(self, images: Sequence[np.ndarray], prompt: str, raw: bool = False) -> dict[str, np.ndarray]:
     """One request -> {"input_ids" int32 [n], "tiles" float32 [t, H, W, 3]}, as the model will see it."""
     images = [np.asarray(im) for im in images]
+    found = prompt.count(IMAGE_TOKEN)
+    if found != len(images) and (raw or found):
+      raise ValueError(f"The prompt holds {found} {IMAGE_TOKEN} mark(s) for {len(images)} image(s): " + (
+          "a raw prompt needs one mark per image, in order." if raw else
+          "give one image per mark, in order, or no marks (the images then go first)."))
     if not raw:
       record = {"id": "request", "images": images, "caption": "",
                 "turns": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
       example = self.preprocessor.to_prompt(record, assistant_turn=0)
       return {"input_ids": example["input_ids"], "tiles": example["tiles"]}
-    found = prompt.count(IMAGE_TOKEN)
-    if found != len(images):
-      raise ValueError(f"A raw prompt needs one {IMAGE_TOKEN} per image: it holds {found}, {len(images)} "
-                       f"images came.")
     processed = [process_image(im, self.config) for im in images]
     text = chat.expand_images([{"role": "user", "content": prompt}], [p.prompt for p in processed])[0]["content"]
     size = self.config.model.vision.image_size

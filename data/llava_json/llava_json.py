@@ -42,7 +42,9 @@ class LlavaJson(RecordBuilder):
                    max_pixels: int = records.DEFAULT_MAX_PIXELS) -> "LlavaJson":
     """Reading a prepared dataset needs only its config name; preparing needs json_path (and image_dir)."""
     if not config and not json_path:
-      raise ValueError("llava_json needs a name (llava_json/NAME) or json_path.")
+      raise ValueError("llava_json needs the LLaVA JSON file to prepare (`vlm-jax data prepare llava_json --json "
+                       "FILE --image-dir DIR`, json_path=... from Python), or the name of a prepared one "
+                       "(llava_json/NAME) to read.")
     name = config or config_name(json_path)
     return cls(data_dir=data_dir, config=LlavaJsonConfig(
         name=name, json_path=str(json_path), image_dir=str(image_dir or epath.Path(json_path).parent),

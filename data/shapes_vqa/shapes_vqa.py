@@ -55,7 +55,12 @@ def make_config(config: str | None = None, **options) -> ShapesVqaConfig:
   else:
     raise ValueError(f"Unknown shapes_vqa config {config!r}; presets: {', '.join(PRESETS)}, or a name like "
                      f"'train100-val10-test10-seed0-vocab512'.")
-  values = dict(zip(SIZE_OPTIONS, values)) | {k: int(v) for k, v in options.items()}
+  values = dict(zip(SIZE_OPTIONS, values))
+  for key, value in options.items():
+    whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not (whole or isinstance(value, str) and value.isdigit()):
+      raise ValueError(f"shapes_vqa option {key}={value!r}: expected a whole number >= 0, e.g. {key}=1000.")
+    values[key] = int(value)
   sizes, seed, vocab = (values["num_train"], values["num_validation"], values["num_test"]), values["seed"], \
       values["vocab_size"]
   for preset, preset_sizes in PRESETS.items():

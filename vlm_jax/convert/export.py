@@ -20,6 +20,7 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from vlm_jax.config import DataConfig, ModelConfig
 from vlm_jax.convert import hf_config, hf_names
@@ -117,12 +118,12 @@ def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") 
   """Our tokenizer directory -> PreTrainedTokenizerFast with its pad/unk/bos/eos roles and the chat template."""
   from transformers import PreTrainedTokenizerFast
   import tokenizers
-  tokenizer_dir = pathlib.Path(tokenizer_dir)
+  tokenizer_dir = epath.Path(tokenizer_dir)  # a gs:// workdir's tokenizer too
   tok = Tokenizer.load(tokenizer_dir)  # same file choice as here: tokenizer.model before tokenizer.json
   if tok.kind == "sentencepiece":
     backend = sentencepiece_to_tokenizers((tokenizer_dir / "tokenizer.model").read_bytes())
   else:
-    backend = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    backend = tokenizers.Tokenizer.from_str((tokenizer_dir / "tokenizer.json").read_text())
   roles = {f"{r}_token": t for r, t in tok.roles.items() if t is not None}
   return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, chat_template=CHAT_TEMPLATE,
                                  **roles)
@@ -229,7 +230,7 @@ def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, 
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])  # gathered on one device of this host
   config, params, _ = workdir_lib.load(workdir, stage, mesh=mesh)
   params = jax.tree.map(np.asarray, params)
-  return export(params, config.model, pathlib.Path(workdir) / workdir_lib.TOKENIZER_DIR, out_dir, dtype=dtype,
+  return export(params, config.model, epath.Path(workdir) / workdir_lib.TOKENIZER_DIR, out_dir, dtype=dtype,
                 fmt=fmt, data=config.data)
 
 
