@@ -13,6 +13,7 @@ a restored iterator yields exactly the batch that would have come next.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -71,8 +72,12 @@ def data_source(name: str, split: str, data_dir: str) -> RecordSource:
   from vlm_jax import datasets  # pylint: disable=import-outside-toplevel  (the builders import TFDS)
   builder = datasets.get_builder(name, data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(f"Dataset {name!r} is not prepared under {data_dir}: run "
-                            f"`vlm-jax data prepare {name} --data-dir {data_dir}` first.")
+    where = data_dir
+    if "://" not in data_dir and not os.path.isabs(os.path.expanduser(data_dir)):
+      where = f"{data_dir} ({os.path.abspath(data_dir)}: a relative data_dir is read from the current directory)"
+    raise FileNotFoundError(f"Dataset {name!r} is not prepared under {where}: run `vlm-jax data prepare {name} "
+                            f"--data-dir {data_dir}` first, or point to where it is (eval: --data-dir; train: "
+                            f"--set data.data_dir=...).")
   if split not in builder.info.splits:
     raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   return RecordSource(builder.as_data_source(split), f"{name}:{split}")
