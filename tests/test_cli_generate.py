@@ -100,8 +100,8 @@ def test_bad_input_is_one_line_saying_what_and_where(trained, tmp_path, capsys, 
       f"vlm-jax eval: FileNotFoundError: {tmp_path / 'none'}")
   monkeypatch.chdir(tmp_path)
   assert fails(["eval", "--workdir", w, "--data-dir", "elsewhere"]) == (
-      f"vlm-jax eval: FileNotFoundError: Dataset '{SHAPES_TINY}' is not prepared under elsewhere ({tmp_path}/elsewhere: "
-      f"a relative data_dir is read from the current directory): run `vlm-jax data prepare {SHAPES_TINY} --data-dir "
+      f"vlm-jax eval: FileNotFoundError: Dataset '{SHAPES_TINY}' is not prepared under elsewhere "
+      f"({tmp_path}/elsewhere: a relative data_dir is read from the current directory): run `vlm-jax data prepare {SHAPES_TINY} --data-dir "
       f"elsewhere` first, or point to where it is (eval: --data-dir; train: --set data.data_dir=...).")
   monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
   with pytest.raises(FileNotFoundError):
