@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: fail fast instead of trying the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The concurrency-optimized CPU scheduler deadlocked two all-gathers of the contrastive step on 8 virtual
 # devices (XLA:CPU); the plain scheduler does not.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -169,7 +169,7 @@ def test_vision_backbones_match_hf(tmp_path):
     vision, params = load.load_vision(tmp_path / name, scan_layers=name == "siglip", **kwargs)
     assert vision.kind == name and vision.layer_norm_eps == (1e-6 if name == "siglip" else 1e-5)
     got = VisionEncoder(vision, scan_layers=name == "siglip").apply({"params": params}, pixels.transpose(0, 2, 3, 1))
-    assert np.abs(np.asarray(got) - want).max() <= 1e-4
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_llama_backbone_gets_special_tokens_and_matches_hf(tmp_path):
@@ -193,7 +193,7 @@ def test_llama_backbone_gets_special_tokens_and_matches_hf(tmp_path):
     want = llama(torch.tensor(ids, dtype=torch.long)).logits.numpy()
   logits, _ = Decoder(decoder, scan_layers=False).apply({"params": params}, ids, np.ones_like(ids),
                                                         np.arange(ids.shape[1])[None])
-  assert np.abs(np.asarray(logits)[..., :vocab] - want).max() <= 1e-4
+  np.testing.assert_allclose(np.asarray(logits)[..., :vocab], want, atol=1e-4, rtol=0)
 
 
 def test_import_hf_writes_a_workdir_the_checkpoint_code_restores(llava_dir, tmp_path):

@@ -102,7 +102,9 @@ def test_mixtral_hf_roundtrip_is_bit_identical(hf_mixtral, tokenizer_dir, tmp_pa
   assert (text.router_aux_loss_coef, text.sliding_window, text.router_jitter_noise) == (0.02, None, 0.0)
   # And back again: the exported directory imports to the same params.
   _, again, _ = load.load_hf(out)
-  for (path, a), b in zip(hf_names.flatten(params).items(), hf_names.flatten(again).values()):
+  flat, flat_again = hf_names.flatten(params), hf_names.flatten(again)
+  assert list(flat) == list(flat_again)
+  for (path, a), b in zip(flat.items(), flat_again.values()):
     np.testing.assert_array_equal(a, b, err_msg=path)
 
 

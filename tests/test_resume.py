@@ -16,6 +16,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
+from vlm_jax.inputs import shards
+from vlm_jax.inputs.tokenizer import Tokenizer
+from vlm_jax.losses import supervised_tokens
 from vlm_jax.sharding import make_mesh
 from vlm_jax.train import metrics, optimizer, run, step
 
@@ -139,5 +142,9 @@ def test_workdir_layout_and_logged_metrics(uninterrupted):
   np.testing.assert_allclose([r["lr"] for r in records], [float(schedule(s)) for s in range(30)], rtol=1e-6)
   assert records[0]["lr"] == 0.0 and abs(records[2]["lr"] - 1e-2) < 1e-9
   assert all(r["tokens_per_s"] > 0 and r["num_tokens"] > 0 and r["grad_norm"] > 0 for r in records)
+  # num_tokens: each step's supervised tokens, counted on the same data stream rebuilt here (one step per record).
+  data = shards.ShardedLoader(cfg, cfg.train.stage("align"), Tokenizer.load(workdir / "tokenizer"),
+                              cfg.data.num_shards or jax.process_count())
+  assert [r["num_tokens"] for r in records] == [int(supervised_tokens(next(data)["labels"])) for _ in records]
   # Caption rows: 8 rows of 64 positions per step.
   assert records[5]["tokens_per_s"] * records[5]["step_time_s"] == pytest.approx(8 * 64, rel=1e-6)

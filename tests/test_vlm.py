@@ -177,7 +177,9 @@ def _llama_count(d):
 
 @pytest.mark.parametrize("name,hf_count", [("smolvlm", 228_099_648), ("llava", 7_063_427_072)])
 def test_abstract_params_of_real_shapes(name, hf_count):
-  """Counts equal the formula and the HF model (Idefics3 / LLaVA built on the meta device, counted once)."""
+  """Counts equal the formula and hf_count: the parameter count of transformers' Idefics3 / LLaVA model of these
+  shapes (tied embeddings for smolvlm), counted once on the meta device and recorded here (no HF model is built).
+  The llava one is llava-1.5-7b's published count, 7,063,427,072."""
   if name == "smolvlm":
     cfg = ModelConfig(
         vision=VisionConfig(kind="siglip", image_size=512, patch_size=16, width=768, depth=12, num_heads=12,
