@@ -10,6 +10,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from vlm_jax.config import InputError
 from vlm_jax.datasets.llava_json import LlavaJson
 from vlm_jax.datasets.shapes_vqa import ShapesVqa
 
@@ -25,7 +26,7 @@ def get_builder(name: str, data_dir: str, **options) -> tfds.core.DatasetBuilder
   (shapes_vqa: num_train, num_validation, num_test, seed, vocab_size; llava_json: json_path, image_dir, ...)."""
   builder_name, _, config = name.partition("/")
   if builder_name not in BUILDERS:
-    raise ValueError(f"Unknown dataset {builder_name!r}; known: {', '.join(BUILDERS)}.")
+    raise InputError(f"Unknown dataset {builder_name!r}; known: {', '.join(BUILDERS)}.")
   return BUILDERS[builder_name].from_options(_expand(data_dir), config or None, **options)
 
 

@@ -47,8 +47,8 @@ def test_topology_next_to_the_cpu_backend():
   assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
   with pytest.raises(config.ConfigError, match="v5e:2x4"):
     aot.topology_devices("v7x:2x2")
-  with pytest.raises(config.ConfigError, match=r"Topology 'v5e:3x3': libtpu does not know this shape \(.*\); use "
-                                               r"a shape the chip comes in, e.g. v5e:2x4"):
+  with pytest.raises(config.ConfigError, match=r"Topology 'v5e:3x3': libtpu could not describe it \(.*\)\. Check "
+                                               r"the shape \(one the chip comes in, e.g. v5e:2x4"):
     aot.topology_devices("v5e:3x3")
 
 

@@ -81,7 +81,7 @@ def test_bad_input_is_one_line_saying_what_and_where(trained, tmp_path, capsys, 
   not_image.write_text("not an image")
 
   def fails(argv):
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.endswith(f"({cli.TRACEBACK_ENV}=1 shows where it was raised)\n")
     return err.splitlines()[0]
@@ -89,20 +89,21 @@ def test_bad_input_is_one_line_saying_what_and_where(trained, tmp_path, capsys, 
   assert fails(["generate", "--workdir", str(tmp_path / "none"), "--image", missing, "--prompt", "Hi"]) == (
       f"vlm-jax generate: FileNotFoundError: [Errno 2] No such file or directory: '{missing}'")
   assert fails(["generate", "--workdir", w, "--image", str(not_image), "--prompt", "Hi"]) == (
-      f"vlm-jax generate: ValueError: {not_image} is not an image PIL can read (PNG, JPEG, ...).")
+      f"vlm-jax generate: InputError: {not_image} is not an image PIL can read (PNG, JPEG, ...).")
   assert fails(["generate", "--workdir", w, "--prompt", "<image> What colour?"]) == (
-      "vlm-jax generate: ValueError: The prompt holds 1 <image> mark(s) for 0 image(s): give one image per mark, "
+      "vlm-jax generate: InputError: The prompt holds 1 <image> mark(s) for 0 image(s): give one image per mark, "
       "in order, or no marks (the images then go first).")
   assert fails(["generate", "--workdir", w, "--image", paths[0], "--prompt", "a", "--raw"]) == (
-      "vlm-jax generate: ValueError: The prompt holds 0 <image> mark(s) for 1 image(s): a raw prompt needs one "
+      "vlm-jax generate: InputError: The prompt holds 0 <image> mark(s) for 1 image(s): a raw prompt needs one "
       "mark per image, in order.")
   assert fails(["eval", "--workdir", str(tmp_path / "none")]).startswith(
       f"vlm-jax eval: FileNotFoundError: {tmp_path / 'none'}")
   monkeypatch.chdir(tmp_path)
   assert fails(["eval", "--workdir", w, "--data-dir", "elsewhere"]) == (
       f"vlm-jax eval: FileNotFoundError: Dataset '{SHAPES_TINY}' is not prepared under elsewhere "
-      f"({tmp_path}/elsewhere: a relative data_dir is read from the current directory): run `vlm-jax data prepare {SHAPES_TINY} --data-dir "
-      f"elsewhere` first, or point to where it is (eval: --data-dir; train: --set data.data_dir=...).")
+      f"({tmp_path}/elsewhere: a relative data_dir is read from the current directory): run `vlm-jax data "
+      f"prepare {SHAPES_TINY} --data-dir elsewhere` first, or point to where it is (eval: --data-dir; train: --set "
+      f"data.data_dir=...).")
   monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
   with pytest.raises(FileNotFoundError):
     cli.main(["generate", "--workdir", w, "--image", missing, "--prompt", "Hi"])

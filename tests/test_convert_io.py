@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures_convert import CORPUS, build_llava, randomize, tokenizer_dir  # noqa: F401  (fixture)
 from vlm_jax import checkpoint
-from vlm_jax.config import Config, from_dict
+from vlm_jax import workdir as workdir_lib
 from vlm_jax.convert import export, hf_config, load
 from vlm_jax.inputs import chat
 from vlm_jax.inputs.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -201,8 +201,9 @@ def test_import_hf_writes_a_workdir_the_checkpoint_code_restores(llava_dir, tmp_
   workdir = tmp_path / "w"
   config = load.import_hf(path, workdir)
   cfg, params, _ = load.load_hf(path)
-  saved = from_dict(Config, json.loads((workdir / "config.json").read_text()))
+  saved = workdir_lib.read_config(workdir)  # validates, as every reader of the workdir does
   assert saved == config and saved.model == cfg and saved.data.tokenizer.kind == "hf"
+  assert saved.data.seq_len == cfg.decoder.max_seq_len == 128  # rows no longer than the model's positions
   assert Tokenizer.load(saved.data.tokenizer.path).encode("<|im_start|>user\nred") == \
       Tokenizer.load(path).encode("<|im_start|>user\nred")
   assert checkpoint.resolve_init_from(str(workdir)) == (str(workdir), load.IMPORT_STAGE)

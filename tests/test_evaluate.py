@@ -120,7 +120,8 @@ def test_oracle_scores_one_and_constant_yes_scores_the_yes_fraction(shapes_data_
   assert len(samples) == evaluate.GRID_SAMPLES
   assert samples[0][1] == f"got {qs[0].answer} | ref {qs[0].answer} | {qs[0].text}"
 
-  results, _ = evaluate.score(Stub(constant="Yes."), records, batch_size=16, progress=False)
+  results, predictions = evaluate.score(Stub(constant="Yes."), records, batch_size=16, progress=False)
+  assert evaluate.grid_samples(records, predictions)[0][1] == f"got Yes. | ref {qs[0].answer} | {qs[0].text}"
   presence = [q.answer for q in qs if q.type == "presence"]
   assert results["accuracy"]["presence"] == presence.count("yes") / len(presence)
   assert 0 < results["accuracy"]["presence"] < 1

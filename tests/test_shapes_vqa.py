@@ -150,8 +150,8 @@ def test_config_names_are_canonical():
     make_config(None, num_tran=5)
   with pytest.raises(ValueError, match="presets"):
     make_config("huge")
-  assert make_config(None, num_train="64", num_validation=32, num_test=32).name == "tiny"  # --set gives text
-  for bad in ("ten", -1, 2.5, True):
+  assert make_config(None, num_train="64", num_validation=32, num_test=32).name == "tiny"  # text from Python
+  for bad in ("ten", -1, 2.5, True, "\u00b2"):
     with pytest.raises(ValueError, match=rf"shapes_vqa option num_train={bad!r}: expected a whole number >= 0"):
       make_config(None, num_train=bad)
 

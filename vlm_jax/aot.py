@@ -66,9 +66,11 @@ def topology_devices(topology: str) -> tuple[Chip, list[Any], int]:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-  except RuntimeError as e:  # jax.errors.JaxRuntimeError: a shape this chip does not come in
-    raise ConfigError(f"Topology {topology!r}: libtpu does not know this shape ({str(e).splitlines()[0]}); use a "
-                      f"shape the chip comes in, e.g. v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4.") from e
+  except RuntimeError as e:  # jax.errors.JaxRuntimeError: e.g. a shape this chip does not come in
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    raise ConfigError(f"Topology {topology!r}: libtpu could not describe it ({reason}). Check the shape (one the "
+                      f"chip comes in, e.g. v5e:2x4, v5p:2x2x2, v4:2x2x2, v6e:2x4) and that libtpu is installed "
+                      f"(`pip install -e .[tpu]`).") from e
   chips = len({tuple(d.coords) for d in devices})
   return CHIPS[kind], devices, chips
 

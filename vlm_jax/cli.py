@@ -11,6 +11,8 @@ from vlm_jax import host_memory
 
 
 TRACEBACK_ENV = "VLM_JAX_TRACEBACK"
+# Bad input, reported in one line: anything else (a ValueError from deep in JAX, say) keeps its traceback.
+USER_ERRORS = (config_lib.InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -245,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
   except config_lib.ConfigError as e:
     print(f"vlm-jax: config error: {e}", file=sys.stderr)
     return 2
-  except (OSError, ValueError) as e:  # bad input: a missing file or workdir, an unprepared dataset, a bad image
+  except USER_ERRORS as e:  # exit 2 like a usage error (aot's 1 means "does not fit")
     if os.environ.get(TRACEBACK_ENV):
       raise
     command = " ".join(c for c in (args.command, getattr(args, f"{args.command}_command", None)) if c)
     print(f"vlm-jax {command}: {type(e).__name__}: {e}\n({TRACEBACK_ENV}=1 shows where it was raised)",
           file=sys.stderr)
-    return 1
+    return 2
 
 
 if __name__ == "__main__":

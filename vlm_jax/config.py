@@ -22,6 +22,12 @@ class ConfigError(ValueError):
   """A config or an override is invalid; the message says where and what to do."""
 
 
+class InputError(ValueError):
+  """Other bad input from the user (an unreadable image, a dataset option, a prompt that does not fit its
+  images, a missing launch flag); the message says what was wrong, where, and what to do. The `vlm-jax` command
+  prints it in one line, as it does a ConfigError, a missing file or a bad path."""
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """ViT encoder. kind: 'siglip' (no CLS, post-LN, tanh GELU), 'clip' (CLS, pre-LN, quick GELU) or
@@ -334,9 +340,10 @@ def validate(cfg: Config) -> Config:
   v, d = cfg.model.vision, cfg.model.decoder
   sizes = {f"model.decoder.{f}": getattr(d, f) for f in ("vocab_size", "width", "num_layers", "num_heads",
                                                            "num_kv_heads", "mlp_dim", "max_seq_len")}
+  vision_fields = ("image_size", "patch_size", "width")  # kind 'none' still embeds patches
   if v.kind != "none":
-    sizes.update({f"model.vision.{f}": getattr(v, f) for f in ("image_size", "patch_size", "width", "depth",
-                                                                "num_heads", "mlp_dim")})
+    vision_fields += ("depth", "num_heads", "mlp_dim")
+  sizes.update({f"model.vision.{f}": getattr(v, f) for f in vision_fields})
   sizes["data.seq_len"] = cfg.data.seq_len
   for path, size in sizes.items():
     if size <= 0:

@@ -21,6 +21,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from vlm_jax.config import InputError
+
 PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose with a checkpoint saved; rerun
 
 
@@ -43,10 +45,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   explicit = (coordinator_address, num_processes, process_id)
   if any(x is not None for x in explicit):
     if any(x is None for x in explicit):
-      raise ValueError("Give all of --coordinator HOST:PORT, --num-processes N and --process-id I "
+      raise InputError("Give all of --coordinator HOST:PORT, --num-processes N and --process-id I "
                        f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}).")
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process-id {process_id} is not in [0, {num_processes}).")
+      raise InputError(f"--process-id {process_id} is not in [0, {num_processes}).")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   elif tpu_vm():

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from vlm_jax.config import Config, ModelConfig
+from vlm_jax.config import Config, InputError, ModelConfig
 from vlm_jax.inputs import chat, examples, packing
 from vlm_jax.inputs.images import process_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
@@ -58,7 +58,7 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"Need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}.")
+      raise InputError(f"Need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}.")
 
 
 def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
@@ -158,7 +158,7 @@ def read_image(path: str) -> np.ndarray:
     try:
       image = Image.open(f)
     except UnidentifiedImageError as e:
-      raise ValueError(f"{path} is not an image PIL can read (PNG, JPEG, ...).") from e
+      raise InputError(f"{path} is not an image PIL can read (PNG, JPEG, ...).") from e
     return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
@@ -177,7 +177,7 @@ class Generator:
     images = [np.asarray(im) for im in images]
     found = prompt.count(IMAGE_TOKEN)
     if found != len(images) and (raw or found):
-      raise ValueError(f"The prompt holds {found} {IMAGE_TOKEN} mark(s) for {len(images)} image(s): " + (
+      raise InputError(f"The prompt holds {found} {IMAGE_TOKEN} mark(s) for {len(images)} image(s): " + (
           "a raw prompt needs one mark per image, in order." if raw else
           "give one image per mark, in order, or no marks (the images then go first)."))
     if not raw:
@@ -222,7 +222,7 @@ class Generator:
   def prefill(self, batch: dict[str, np.ndarray], max_new_tokens: int) -> tuple[jax.Array, Any]:
     """The prompts of a prepared batch -> (last-slot logits f32 [B, V], a cache with room for max_new_tokens)."""
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+      raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     return _prefill(self.params, batch, model=self.config.model,
                     cache_len=batch["input_ids"].shape[1] + max_new_tokens)
 

@@ -14,6 +14,7 @@ import re
 import tensorflow_datasets as tfds
 from etils import epath
 
+from vlm_jax.config import InputError
 from vlm_jax.datasets.record_builder import RecordBuilder, record_features
 from vlm_jax.datasets.llava_json import records
 
@@ -42,7 +43,7 @@ class LlavaJson(RecordBuilder):
                    max_pixels: int = records.DEFAULT_MAX_PIXELS) -> "LlavaJson":
     """Reading a prepared dataset needs only its config name; preparing needs json_path (and image_dir)."""
     if not config and not json_path:
-      raise ValueError("llava_json needs the LLaVA JSON file to prepare (`vlm-jax data prepare llava_json --json "
+      raise InputError("llava_json needs the LLaVA JSON file to prepare (`vlm-jax data prepare llava_json --json "
                        "FILE --image-dir DIR`, json_path=... from Python), or the name of a prepared one "
                        "(llava_json/NAME) to read.")
     name = config or config_name(json_path)
@@ -60,7 +61,7 @@ class LlavaJson(RecordBuilder):
 
   def _split_generators(self, dl_manager):
     if not self.builder_config.json_path:
-      raise ValueError(f"llava_json/{self.builder_config.name} is not prepared under {self.data_dir}; "
+      raise InputError(f"llava_json/{self.builder_config.name} is not prepared under {self.data_dir}; "
                        "prepare it with json_path (--json) and image_dir (--image-dir).")
     return {"train": self._generate_examples()}
 
@@ -79,7 +80,7 @@ class LlavaJson(RecordBuilder):
       counts.repaired.update(repairs)
       yield index, example
     if not counts.kept:
-      raise ValueError(f"{cfg.json_path}: no usable record out of {len(raw)} (skipped: "
+      raise InputError(f"{cfg.json_path}: no usable record out of {len(raw)} (skipped: "
                        f"{dict(counts.skipped)}); check the JSON format and the image dir {cfg.image_dir}.")
     # Runs inside download_and_prepare: data_path is the dir that becomes the dataset, and the metadata
     # is written after the split.

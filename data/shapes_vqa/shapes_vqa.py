@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from vlm_jax.config import InputError
 from vlm_jax.datasets.record_builder import RecordBuilder, record_features
 from vlm_jax.datasets.shapes_vqa import scenes
 
@@ -47,20 +48,22 @@ def make_config(config: str | None = None, **options) -> ShapesVqaConfig:
   config = config or "default"
   unknown = set(options) - set(SIZE_OPTIONS)
   if unknown:
-    raise ValueError(f"Unknown shapes_vqa option(s) {sorted(unknown)}; valid: {', '.join(SIZE_OPTIONS)}.")
+    raise InputError(f"Unknown shapes_vqa option(s) {sorted(unknown)}; valid: {', '.join(SIZE_OPTIONS)}.")
   if config in PRESETS:
     values = (*PRESETS[config], DEFAULT_SEED, DEFAULT_VOCAB)
   elif match := _CUSTOM_NAME.fullmatch(config):
     values = tuple(int(g) for g in match.groups())
   else:
-    raise ValueError(f"Unknown shapes_vqa config {config!r}; presets: {', '.join(PRESETS)}, or a name like "
+    raise InputError(f"Unknown shapes_vqa config {config!r}; presets: {', '.join(PRESETS)}, or a name like "
                      f"'train100-val10-test10-seed0-vocab512'.")
   values = dict(zip(SIZE_OPTIONS, values))
   for key, value in options.items():
     whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    if not (whole or isinstance(value, str) and value.isdigit()):
-      raise ValueError(f"shapes_vqa option {key}={value!r}: expected a whole number >= 0, e.g. {key}=1000.")
+    if not (whole or isinstance(value, str) and value.isascii() and value.isdigit()):
+      raise InputError(f"shapes_vqa option {key}={value!r}: expected a whole number >= 0, e.g. {key}=1000.")
     values[key] = int(value)
+  if values["vocab_size"] <= 0:
+    raise InputError(f"shapes_vqa option vocab_size={values['vocab_size']}: the tokenizer needs at least one piece.")
   sizes, seed, vocab = (values["num_train"], values["num_validation"], values["num_test"]), values["seed"], \
       values["vocab_size"]
   for preset, preset_sizes in PRESETS.items():
@@ -133,7 +136,7 @@ class ShapesVqa(RecordBuilder):
     from vlm_jax.inputs import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     texts = [t for spec in specs for t in corpus(spec)]
     if not texts:
-      raise ValueError("shapes_vqa: num_train must be > 0 to train the tokenizer.")
+      raise InputError("shapes_vqa: num_train must be > 0 to train the tokenizer.")
     # BPE: one piece per word of this small vocabulary (unigram split "large" and "user" into several).
     tokenizer_lib.train_sentencepiece(texts, self.builder_config.vocab_size, model_type="bpe").save(tokenizer_dir(self))
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vlm_jax.config import (Config, DataConfig, DecoderConfig, ModelConfig, StageConfig, TokenizerConfig,
-                            TrainConfig, VisionConfig, to_dict)
+from vlm_jax.config import (Config, DataConfig, DecoderConfig, ModelConfig, StageConfig, TokenizerConfig, TrainConfig,
+                            VisionConfig, to_dict, validate)
 from vlm_jax.convert import hf_config, hf_names
 from vlm_jax.inputs.tokenizer import IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
@@ -212,6 +212,7 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_l
   tokenizer_dir = workdir / "tokenizer"
   data = DataConfig(
       tokenizer=TokenizerConfig(kind="hf", path=str(tokenizer_dir), vocab_size=tok.vocab_size),
+      seq_len=min(DataConfig.seq_len, model.decoder.max_seq_len),  # rows fit the model's positions
       image_splitting=model.projector.kind == "pixel_shuffle" and processor.get("do_image_splitting", True),
       max_image_size=size.get("longest_edge", 0) if model.projector.kind == "pixel_shuffle" else 0,
       resample=resample_names.get(processor.get("resample"), "bicubic"),
@@ -219,7 +220,8 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_l
       image_resize="shortest_edge_crop" if model.projector.kind == "mlp" and processor.get("do_center_crop")
       and "shortest_edge" in size else "square")
   stage = StageConfig(name=IMPORT_STAGE, steps=0, checkpoint_every=1, max_to_keep=1)
-  config = Config(name=f"import_{hf_dir.name}", model=model, data=data, train=TrainConfig(stages=(stage,)))
+  config = validate(Config(name=f"import_{hf_dir.name}", model=model, data=data,
+                           train=TrainConfig(stages=(stage,))))
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
   tok.save(tokenizer_dir)

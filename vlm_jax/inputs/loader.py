@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from vlm_jax.config import Config, StageConfig, row_shape
+from vlm_jax.config import Config, InputError, StageConfig, row_shape
 from vlm_jax.inputs import examples, packing
 from vlm_jax.inputs.tokenizer import Tokenizer
 from vlm_jax.sharding import data_sharding
@@ -79,7 +79,7 @@ def data_source(name: str, split: str, data_dir: str) -> RecordSource:
                             f"--data-dir {data_dir}` first, or point to where it is (eval: --data-dir; train: "
                             f"--set data.data_dir=...).")
   if split not in builder.info.splits:
-    raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    raise InputError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   return RecordSource(builder.as_data_source(split), f"{name}:{split}")
 
 
@@ -93,7 +93,7 @@ def record_dataset(config: Config, stage: StageConfig, process_index: int, proce
     source = data_source(name, stage.split, config.data.data_dir)
     usable = len(source) // process_count * process_count  # equal shards: drop the remainder
     if usable == 0:
-      raise ValueError(f"{name}:{stage.split} has {len(source)} records, fewer than {process_count} processes.")
+      raise InputError(f"{name}:{stage.split} has {len(source)} records, fewer than {process_count} processes.")
     shard = grain.MapDataset.source(source)[process_index:usable:process_count]
     # Per-dataset seeds, so that two datasets of equal size are not shuffled in lockstep.
     parts.append(shard.shuffle(seed=config.data.shuffle_seed * 1009 + i).repeat(None))
