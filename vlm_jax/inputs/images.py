@@ -4,8 +4,8 @@ Two layouts:
 - One tile (`data.image_splitting=False`): each image resized to image_size x image_size (the SigLIP
   processor's resize; Idefics3's unsplit square resize), or with `data.image_resize=shortest_edge_crop` its
   shortest edge resized to image_size and the centre square cut (CLIPImageProcessor, LLaVA-1.5's); prompt
-  `<image>` * image_tokens_per_tile for MLP-projector (LLaVA) models, Idefics3's `<fake_token_around_image><global-img><image>*N<fake_...>` for
-  pixel-shuffle models.
+  `<image>` * image_tokens_per_tile for MLP-projector (LLaVA) models, Idefics3's
+  `<fake_token_around_image><global-img><image>*N<fake_...>` for pixel-shuffle models.
 - Idefics3 / SmolVLM tiling (`data.image_splitting=True`), matching transformers' Idefics3ImageProcessor and
   Idefics3Processor: resize so the longest edge is `max_image_size` (up or down, aspect kept, the short
   edge rounded up to even), then grow each side to a multiple of image_size, cut a rows x cols grid of
