@@ -1,4 +1,6 @@
 """Hand-written VJPs in vlm_jax/model/layers.py against autodiff and float64 numpy."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,58 @@ def test_unembed_gradients():
   np.testing.assert_allclose(y, np.einsum("bsd,vd->bsv", x64, t64), rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(dtable, np.einsum("bsv,bsd->vd", g64, x64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum("bsv,vd->bsd", g64, t64), rtol=1e-2, atol=1e-2)
+
+
+def _swiglu64(g, u, d):
+  """silu(g) * u and its gradients (d . dgate, d . dup) in float64."""
+  s = 1 / (1 + np.exp(-g))
+  return g * s * u, d * u * s * (1 + g * (1 - s)), d * g * s
+
+
+def _within_bf16_rounding(got, want, what=""):
+  """|got - want| <= 1 bf16 ulp of want (round-to-nearest gives half of that; per-op rounding gives more), plus
+  float32's absolute error where the value cancels to near 0 (the derivatives' zero crossings)."""
+  got = np.asarray(got, np.float64)
+  np.testing.assert_array_less(np.abs(got - want), 2.0 ** -7 * np.abs(want) + 1e-5, err_msg=what)
+
+
+def test_swiglu_float32_equals_autodiff_and_bf16_rounds_once():
+  rng = np.random.RandomState(0)
+  g, u, d = (jnp.asarray(rng.randn(4, 64) * 3, jnp.float32) for _ in range(3))
+  ours = jax.vjp(layers.swiglu, g, u)
+  ref = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+  for a, b in zip(ours[1](d), ref[1](d)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  g16, u16, d16 = (t.astype(jnp.bfloat16) for t in (g, u, d))
+  y, (dg, du) = jax.jit(lambda g, u, d: (layers.swiglu(g, u), jax.vjp(layers.swiglu, g, u)[1](d)))(g16, u16, d16)
+  assert y.dtype == dg.dtype == du.dtype == jnp.bfloat16
+  for got, want in zip((y, dg, du), _swiglu64(*(np.asarray(t, np.float64) for t in (g16, u16, d16)))):
+    _within_bf16_rounding(got, want)
+
+
+def test_activations_compute_in_float32_and_round_once():
+  """Each activation of a bf16 input, and its gradient, is within one bf16 rounding of the float64 value."""
+  x = jnp.asarray(np.random.RandomState(1).randn(512) * 3, jnp.bfloat16)
+  x64 = np.asarray(x, np.float64)
+  erf = np.vectorize(math.erf)
+  tanh_arg = np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  want = {  # value, derivative
+      "gelu": (0.5 * x64 * (1 + erf(x64 / np.sqrt(2))),
+               0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)),
+      "gelu_tanh": (0.5 * x64 * (1 + np.tanh(tanh_arg)),
+                    0.5 * (1 + np.tanh(tanh_arg))
+                    + 0.5 * x64 * (1 - np.tanh(tanh_arg) ** 2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x64 ** 2)),
+      "quick_gelu": (x64 * sig(1.702 * x64), sig(1.702 * x64) * (1 + 1.702 * x64 * (1 - sig(1.702 * x64)))),
+      "relu": (np.maximum(x64, 0), (x64 > 0).astype(np.float64)),
+      "silu": (x64 * sig(x64), sig(x64) * (1 + x64 * (1 - sig(x64)))),
+  }
+  assert sorted(want) == sorted(layers.ACTIVATIONS)
+  for name, (value, slope) in want.items():
+    fn = layers.activation(name)
+    y, grad = jax.jit(lambda x, fn=fn: (fn(x), jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32)))(x)))(x)
+    assert y.dtype == grad.dtype == jnp.bfloat16, name
+    _within_bf16_rounding(y, value, name)
+    _within_bf16_rounding(grad, slope, f"d {name}")

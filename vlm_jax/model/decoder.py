@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from vlm_jax.config import DecoderConfig
 from vlm_jax.model import moe as moe_lib
 from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
-from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, maybe_remat, stack_layers
+from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, maybe_remat, stack_layers, swiglu
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -87,7 +87,7 @@ class SwiGLU(nn.Module):
     down = dense(c.width, ("mlp", "embed"), name="down", dtype=self.dtype, use_bias=False)
 
     def mlp(piece):
-      return down(constrain(nn.silu(gate(piece)) * up(piece), ("act_batch", "act_length", "act_mlp")))
+      return down(constrain(swiglu(gate(piece), up(piece)), ("act_batch", "act_length", "act_mlp")))
     chunks = c.mlp_chunks if x.shape[1] % c.mlp_chunks == 0 else 1  # see DecoderConfig.mlp_chunks
     if chunks == 1:
       return mlp(x)

@@ -24,10 +24,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  """The activation function called `name` (gelu, gelu_tanh, quick_gelu, relu, silu)."""
+  """The activation function called `name` (gelu, gelu_tanh, quick_gelu, relu, silu), computed in float32 and
+  returned in its input's dtype, as torch computes them for bf16 tensors.
+
+  In bf16, autodiff rounds after every op of the function and its derivative, and on XLA:CPU that ran 2-4x
+  slower too (forward + backward at [2048, 1536]: gelu_tanh 8.6 -> 2.4 ms, gelu 6.5 -> 2.9 ms).
+  """
   if name not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
-  return ACTIVATIONS[name]
+  fn = ACTIVATIONS[name]
+  return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def logical(init: Callable[..., Any], axes: Sequence[str | None]) -> Callable[..., Any]:
@@ -104,6 +110,32 @@ def _unembed_bwd(residuals, g):
 
 
 unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, computed in float32 and returned in gate's dtype: Llama's MLP activation.
+
+  Forward and backward each run as one float32 pass with one rounding at the end. Autodiff of
+  `nn.silu(gate) * up` in bf16 rounds after every op of the sigmoid and its derivative; on XLA:CPU that also ran
+  2x slower (bench_cpu, [2048, 1536]: forward 3.0 -> 1.4 ms, backward 4.4 -> 2.1 ms).
+  """
+  return _swiglu_fwd(gate, up)[0]
+
+
+def _swiglu_fwd(gate, up):
+  g = gate.astype(jnp.float32)
+  return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype), (gate, up)
+
+
+def _swiglu_bwd(residuals, d):
+  gate, up = residuals
+  g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), d.astype(jnp.float32)
+  s = jax.nn.sigmoid(g)
+  return (d * u * s * (1 + g * (1 - s))).astype(gate.dtype), (d * g * s).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 @jax.custom_vjp

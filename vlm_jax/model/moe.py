@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import DecoderConfig
-from vlm_jax.model.layers import constrain, dense, logical
+from vlm_jax.model.layers import constrain, dense, logical, swiglu
 
 EXPERT_ACT_AXES = ("act_exp", "act_exp_batch", None, "act_embed")
 
@@ -118,7 +118,7 @@ class Experts(nn.Module):
     inputs = jnp.einsum("bsec,bsd->ebcd", dispatch.astype(self.dtype), x.astype(self.dtype))
     inputs = constrain(inputs, EXPERT_ACT_AXES)
     h = jnp.einsum("ebcd,edtf->ebctf", inputs, gate_up.astype(self.dtype))
-    h = constrain(nn.silu(h[..., 0, :]) * h[..., 1, :], ("act_exp", "act_exp_batch", None, "act_mlp"))
+    h = constrain(swiglu(h[..., 0, :], h[..., 1, :]), ("act_exp", "act_exp_batch", None, "act_mlp"))
     out = constrain(jnp.einsum("ebcf,efd->ebcd", h, down.astype(self.dtype)), EXPERT_ACT_AXES)
     return jnp.einsum("bsec,ebcd->bsd", combine.astype(self.dtype), out)
 
