@@ -94,7 +94,8 @@ def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
   XLA finds it does not fit in HBM."""
   start = time.perf_counter()
   # The persistent compilation cache cannot load executables compiled for a topology (no TPU client), so
-  # writing them there only wastes disk and warns on the next run.
+  # writing them there only wastes disk and warns on the next run. JAX decides once per process whether the
+  # cache is used: this switch holds only if nothing in the process compiled with the cache before.
   cache_enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
