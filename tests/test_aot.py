@@ -12,11 +12,7 @@ from vlm_jax import aot, config, flops, sharding
 from vlm_jax.model import vlm as vlm_lib
 from vlm_jax.train import optimizer as optimizer_lib
 
-# JAX decides once per process whether to use the persistent compilation cache, so compile_memory's switch does
-# not stop a test process (which has used the cache already) from looking TPU executables up there; reading one
-# needs a TPU client and fails with this warning, and the compile goes on without the cache.
-pytestmark = [pytest.mark.tpu,
-              pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry:UserWarning")]
+pytestmark = pytest.mark.tpu
 MiB = 1024 ** 2
 
 

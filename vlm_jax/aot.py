@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from vlm_jax import flops as flops_lib
+from vlm_jax.compile_cache import fresh_compiles
 from vlm_jax.config import Config, ConfigError, row_shape
 from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding, make_mesh
@@ -93,20 +94,14 @@ def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
   (the executable: its input_shardings, as_text())}, or memory and compiled None and the error message when
   XLA finds it does not fit in HBM."""
   start = time.perf_counter()
-  # The persistent compilation cache cannot load executables compiled for a topology (no TPU client), so
-  # writing them there only wastes disk and warns on the next run. JAX decides once per process whether the
-  # cache is used: this switch holds only if nothing in the process compiled with the cache before.
-  cache_enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
   try:
-    compiled = fn.lower(*args).compile()
+    with fresh_compiles():  # the persistent cache could not load a topology's executable back (no TPU client)
+      compiled = fn.lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return {"memory": None, "error": str(e).splitlines()[0], "compile_seconds": time.perf_counter() - start,
             "compiled": None}
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache_enabled)
   return {"memory": memory_stats(compiled), "error": None, "compile_seconds": time.perf_counter() - start,
           "compiled": compiled}
 

@@ -3,16 +3,16 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from vlm_jax import flops as flops_lib
 from vlm_jax.bench import measure
+from vlm_jax.compile_cache import fresh_compiles
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.generate import Generator
 from vlm_jax.inputs.tokenizer import Tokenizer
@@ -20,17 +20,6 @@ from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding
 from vlm_jax.train import optimizer as optimizer_lib
 from vlm_jax.train import step as step_lib
-
-
-@contextlib.contextmanager
-def fresh_compiles(fresh: bool = True) -> Iterator[None]:
-  """With `fresh`, compiles inside really compile: the persistent compilation cache (tests turn it on) is off."""
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", enabled and not fresh)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def with_dtype(config: Config, dtype: str) -> Config:
