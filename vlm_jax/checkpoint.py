@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from typing import Any, Iterator
 
@@ -191,14 +192,30 @@ def final_params(workdir: str | epath.PathLike, stage_name: str, target: Any) ->
     raise FileNotFoundError(f"Stage {stage_name!r} in {workdir} is not finished (no {FINISHED} marker in "
                             f"{stage_dir(workdir, stage_name)}); run it first.")
   directory = stage_dir(workdir, stage_name)
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options, item_handlers=_handlers()) as reader:
+  with _reader(directory, _handlers()) as reader:
     check_shapes(reader.item_metadata(step)["state"]["params"], target)
   # The PyTree handler can restore a subtree (partial_restore); the format is the one StandardSave wrote.
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as reader:
+  with _reader(directory, {"state": ocp.PyTreeCheckpointHandler()}) as reader:
     item = {"params": target}
     args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
     return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
+
+class _QuietReadOnly(logging.Filter):
+  """Drops orbax's two warnings that a read-only manager is read-only (one per stage handoff, twice)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("read only" in message or "read_only=True" in message)
+
+
+def _reader(directory: epath.Path, handlers: dict[str, Any]) -> ocp.CheckpointManager:
+  """A read-only CheckpointManager of a stage directory (writes nothing, creates nothing)."""
+  quiet, logger = _QuietReadOnly(), logging.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                 item_handlers=handlers)
+  finally:
+    logger.removeFilter(quiet)
