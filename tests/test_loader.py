@@ -65,6 +65,37 @@ def test_mixture_follows_the_weights(data_dir):
   assert [stream[i]["id"] for i in range(n)] == [again[i]["id"] for i in range(n)]
 
 
+def test_cached_records_are_read_once_and_batches_unchanged(data_dir, monkeypatch):
+  cfg, stage, tok = _setup(data_dir, task="caption")
+  plain = loader.make_loader(cfg, stage, tok, process_index=0, process_count=1)
+  expected = [next(plain) for _ in range(20)]  # 80 rows: more than the 64-record split, so records repeat
+  reads = collections.Counter()
+  normalize = loader.normalize_record
+
+  def counting(raw):
+    record = normalize(raw)
+    reads[record["id"]] += 1
+    return record
+  monkeypatch.setattr(loader, "normalize_record", counting)
+  cached_cfg = config_lib.apply_overrides(cfg, ["data.cache_records=true"])
+  for attempt in range(2):  # a second loader (the next stage) reads nothing: the cache outlives the first
+    cached = loader.make_loader(cached_cfg, stage, tok, process_index=0, process_count=1)
+    for want in expected:
+      got = next(cached)
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    if attempt == 0:
+      # Every record of the split was read (the rows came from 64+ records), and fewer times than served
+      # (two reader threads may both decode one record at an epoch's seam).
+      assert len(reads) == 64 and sum(reads.values()) < 72
+      reads.clear()
+  assert not reads
+  record = loader.data_source(SHAPES_TINY, "train", data_dir, cache=True)[0]
+  with pytest.raises(ValueError, match="read-only"):
+    record["images"][0][0, 0, 0] = 1
+
+
 @pytest.mark.parametrize("task", ["conversation", "caption", "text", "image_text"])
 def test_static_shapes_per_task(data_dir, task):
   cfg, stage, tok = _setup(data_dir, task=task)

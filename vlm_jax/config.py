@@ -208,6 +208,9 @@ class DataConfig:
   padding_side: str = "right"  # right | left
   shuffle_seed: int = 0
   num_workers: int = 0  # grain worker processes (0: in the main process)
+  # Keep every training record in memory once decoded, for all stages of the process: for datasets that fit
+  # (shapes_vqa's 20000 train records: about 330 MB). Reading and decoding a record costs 0.4 ms of a CPU.
+  cache_records: bool = False
   # Data shards of the global batch (vlm_jax/inputs/shards.py); 0: the resumed checkpoint's count, else one per
   # process. A fixed count keeps the data order the same on any number of hosts dividing it.
   num_shards: int = 0

@@ -51,24 +51,41 @@ def normalize_record(raw: dict) -> dict:
 
 
 class RecordSource:
-  """Random access to the normalized records of one prepared split (grain's data source protocol)."""
+  """Random access to the normalized records of one prepared split (grain's data source protocol).
 
-  def __init__(self, tfds_source, name: str):
+  With a `cache` dict, each record is read and decoded once, then served from the dict (`data.cache_records`);
+  its image arrays are made read-only, so code that wrote into a served record would fail, not corrupt it."""
+
+  def __init__(self, tfds_source, name: str, cache: dict[int, dict] | None = None):
     self._source = tfds_source
     self.name = name
+    self._cache = cache
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict:
-    return normalize_record(self._source[index])
+    if self._cache is None:
+      return normalize_record(self._source[index])
+    record = self._cache.get(index)
+    if record is None:  # two threads may both decode a record; either copy is the same
+      record = normalize_record(self._source[index])
+      for image in record["images"]:
+        image.flags.writeable = False
+      self._cache[index] = record
+    return record
 
   def __repr__(self) -> str:  # grain prints sources in its debug output
     return f"RecordSource({self.name!r}, {len(self)} records)"
 
 
-def data_source(name: str, split: str, data_dir: str) -> RecordSource:
-  """The records of `split` of the prepared dataset `name` ('builder' or 'builder/config')."""
+# data.cache_records: (name, split, data_dir) -> {index: record}, shared by every stage of the process.
+_RECORD_CACHES: dict[tuple[str, str, str], dict[int, dict]] = {}
+
+
+def data_source(name: str, split: str, data_dir: str, cache: bool = False) -> RecordSource:
+  """The records of `split` of the prepared dataset `name` ('builder' or 'builder/config'). With `cache`,
+  records decoded once stay in this process's memory for every later source of the same split."""
   from vlm_jax import datasets  # pylint: disable=import-outside-toplevel  (the builders import TFDS)
   builder = datasets.get_builder(name, data_dir)
   if not builder.is_prepared():
@@ -80,7 +97,10 @@ def data_source(name: str, split: str, data_dir: str) -> RecordSource:
                             f"--set data.data_dir=...).")
   if split not in builder.info.splits:
     raise InputError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  return RecordSource(builder.as_data_source(split), f"{name}:{split}")
+  records = None
+  if cache:
+    records = _RECORD_CACHES.setdefault((name, split, os.path.abspath(os.path.expanduser(data_dir))), {})
+  return RecordSource(builder.as_data_source(split), f"{name}:{split}", records)
 
 
 def record_dataset(config: Config, stage: StageConfig, process_index: int, process_count: int
@@ -90,7 +110,7 @@ def record_dataset(config: Config, stage: StageConfig, process_index: int, proce
   for i, (name, weight) in enumerate(stage.datasets):
     if weight <= 0:
       raise ValueError(f"Stage {stage.name!r}: dataset {name!r} has weight {weight}; weights must be > 0.")
-    source = data_source(name, stage.split, config.data.data_dir)
+    source = data_source(name, stage.split, config.data.data_dir, config.data.cache_records)
     usable = len(source) // process_count * process_count  # equal shards: drop the remainder
     if usable == 0:
       raise InputError(f"{name}:{stage.split} has {len(source)} records, fewer than {process_count} processes.")
