@@ -66,7 +66,8 @@ def test_mixture_follows_the_weights(data_dir):
 
 
 def test_cached_records_are_read_once_and_batches_unchanged(data_dir, monkeypatch):
-  cfg, stage, tok = _setup(data_dir, task="caption")
+  cfg, stage, tok = _setup(data_dir, "instruct", "data.cache_records=false", task="caption")
+  monkeypatch.setattr(loader, "_RECORD_CACHES", {})  # not what other tests of this process cached
   plain = loader.make_loader(cfg, stage, tok, process_index=0, process_count=1)
   expected = [next(plain) for _ in range(20)]  # 80 rows: more than the 64-record split, so records repeat
   reads = collections.Counter()
