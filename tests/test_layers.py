@@ -110,3 +110,23 @@ def test_swiglu_float32_equals_autodiff_and_bf16_rounds_once():
   for got, want in zip((y, dg, du), _swiglu64(*(np.asarray(t, np.float64) for t in (g16, u16, d16)))):
     _within_bf16_rounding(got, want)
 
+
+
+def test_add_bias_gradient_is_the_sum_over_positions_in_the_output_dtype():
+  rng = np.random.RandomState(1)
+  y = jnp.asarray(rng.randn(3, 40, 4, 8), jnp.float32)
+  bias = jnp.asarray(rng.randn(4, 8), jnp.float32)  # two feature dims, like q_proj's [heads, head_dim]
+  g = jnp.asarray(rng.randn(3, 40, 4, 8), jnp.float32)
+  out, vjp = jax.vjp(lambda y, b: layers.add_bias(y, b, 2), y, bias)
+  ref_out, ref_vjp = jax.vjp(lambda y, b: y + b, y, bias)
+  np.testing.assert_array_equal(out, ref_out)
+  (dy, db), (ref_dy, ref_db) = vjp(g), ref_vjp(g)
+  np.testing.assert_array_equal(dy, ref_dy)
+  np.testing.assert_allclose(db, ref_db, rtol=1e-5, atol=1e-5)
+
+  y16, g16 = y.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  dy16, db16 = jax.jit(lambda y, b, g: jax.vjp(lambda y, b: layers.add_bias(y, b, 2), y, b)[1](g))(y16, bias, g16)
+  assert dy16.dtype == jnp.bfloat16 and db16.dtype == jnp.float32
+  np.testing.assert_array_equal(dy16, g16)
+  assert np.array_equal(np.asarray(db16), np.asarray(db16.astype(jnp.bfloat16).astype(jnp.float32)))  # bf16 values
+  _within_bf16_rounding(db16, np.asarray(g16, np.float64).sum(axis=(0, 1)))
