@@ -79,8 +79,8 @@ class RecordSource:
     return f"RecordSource({self.name!r}, {len(self)} records)"
 
 
-# data.cache_records: (name, split, data_dir) -> {index: record}, shared by every stage of the process.
-_RECORD_CACHES: dict[tuple[str, str, str], dict[int, dict]] = {}
+# data.cache_records: (prepared dataset dir, split) -> {index: record}, shared by every stage of the process.
+_RECORD_CACHES: dict[tuple[str, str], dict[int, dict]] = {}
 
 
 def data_source(name: str, split: str, data_dir: str, cache: bool = False) -> RecordSource:
@@ -97,9 +97,7 @@ def data_source(name: str, split: str, data_dir: str, cache: bool = False) -> Re
                             f"--set data.data_dir=...).")
   if split not in builder.info.splits:
     raise InputError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  records = None
-  if cache:
-    records = _RECORD_CACHES.setdefault((name, split, os.path.abspath(os.path.expanduser(data_dir))), {})
+  records = _RECORD_CACHES.setdefault((str(builder.data_path), split), {}) if cache else None
   return RecordSource(builder.as_data_source(split), f"{name}:{split}", records)
 
 
