@@ -20,10 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlm-jax demo --workdir runs/demo
 
 # Two pytest workers (pytest-xdist), one test file each at a time: compiling is mostly one thread, so the
-# second core runs the other file's compiles. On the 2-core Intel machine with a cold compilation cache the suite
-# took 597 s this way and ~840 s in one process. On the AMD machine of session 12, 353 tests took 786 s cold and
-# 385 s warm; of those, libtpu's two large TPU compiles (tests/test_aot.py) alone take 316 s, cache or not.
-# `make test` in a fresh clone with a cold cache: 13.9 min, the venv install from pip's cache (80 s) included.
+# second core runs the other file's compiles. Suite times: docs/performance.md.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 

@@ -5,12 +5,10 @@ Llama, exportable as Idefics3 so transformers can run the same weights).
 decoder 512 x 8 layers with GQA 8/4; vocab 8192; 256 tokens x 8 rows per step. One instruct-like stage: the
 projector and decoder train, the ViT is frozen.
 
-The MLP runs on 2 halves of the sequence (`mlp_chunks`): train step 0.96 -> 0.90 s (two interleaved A/B
-rounds). With huge pages for malloc (vlm_jax/host_memory.py) the split hardly matters any more: 1, 2 and 4
-chunks gave 0.716/0.722, 0.714/0.709 and 0.720/0.712 s.
-
-Unscanned layers: on XLA:CPU a train step of the scanned stack took 2.22 s vs 1.13 s unscanned (bf16; 3.32 vs
-2.85 s f32). The bench's compile-time comparison (4 vs 24 layers) still scans: that is what scan is for.
+The MLP runs on 2 halves of the sequence (`mlp_chunks`) so that a half's float32 products stay in cache (with
+huge pages for malloc it hardly matters).
+Unscanned layers: on XLA:CPU the scanned stack's train step is about 2x slower. The bench's compile-time
+comparison (4 vs 24 layers) still scans: that is what scan is for. Measurements: docs/performance.md.
 """
 from vlm_jax.config import (Config, DataConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
                             StageConfig, TokenizerConfig, TrainConfig, VisionConfig)
