@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +34,7 @@ import numpy as np
 from etils import epath
 
 from vlm_jax.config import Config, InputError, ModelConfig
-from vlm_jax.inputs import chat, examples, packing
+from vlm_jax.inputs import chat, examples, files, packing
 from vlm_jax.inputs.images import process_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
 from vlm_jax.model.decoder import unscanned
@@ -154,9 +155,12 @@ def read_image(path: str) -> np.ndarray:
   """An image file (local or gs://) as uint8 [h, w, 3] RGB, upright: EXIF orientation applied, as transformers'
   `load_image` does."""
   from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
-  with epath.Path(path).expanduser().open("rb") as f:
+  data = epath.Path(path).expanduser().read_bytes()
+  # A truncated file fails in open (a cut header) or when decoded; its size tells how much is there.
+  with files.reading(path, f"image of {len(data)} bytes", "give a complete image file (a truncated download?)",
+                     errors=(OSError, SyntaxError, ValueError, Image.DecompressionBombError)):
     try:
-      image = Image.open(f)
+      image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:
       raise InputError(f"{path} is not an image PIL can read (PNG, JPEG, ...).") from e
     return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))

@@ -6,7 +6,6 @@ manager per stage, finished when W/<stage>/FINISHED names the final step). Param
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -15,6 +14,7 @@ from jax.sharding import Mesh
 
 from vlm_jax import checkpoint, sharding
 from vlm_jax.config import Config, from_dict, validate
+from vlm_jax.inputs import files
 from vlm_jax.inputs.tokenizer import Tokenizer
 from vlm_jax.model.vlm import abstract_params
 
@@ -28,7 +28,8 @@ def read_config(workdir: str | epath.PathLike) -> Config:
   if not path.exists():
     raise FileNotFoundError(f"{workdir} is not a workdir: it has no {CONFIG_FILE}. Train into it first, e.g. "
                             f"`vlm-jax train --config shapes_tiny --workdir {workdir}`.")
-  return validate(from_dict(Config, json.loads(path.read_text())))
+  return validate(from_dict(Config, files.read_json(path, "workdir config", "write it again from the config, e.g. "
+                                                   "`vlm-jax config show NAME --set ... > config.json`")))
 
 
 def last_finished_stage(workdir: str | epath.PathLike, config: Config) -> str:

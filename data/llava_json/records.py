@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import warnings
 
 import numpy as np
@@ -26,6 +25,9 @@ import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 from etils import epath
+
+from vlm_jax.config import InputError
+from vlm_jax.inputs import files
 
 IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -160,10 +162,14 @@ def convert_record(record, index: int, image_dir: epath.Path, max_pixels: int = 
 
 
 def read_json(path: epath.Path) -> list:
-  """The JSON list at `path`; bytes that are not UTF-8 survive as lone surrogates (skipped per record)."""
-  records = json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+  """The JSON list at `path`; bytes that are not UTF-8 survive as lone surrogates (skipped per record).
+  A file that does not parse (say, truncated) or is not a list raises InputError naming the line and column."""
+  text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+  records = files.parse_json(text, path, "LLaVA JSON file", "repair or export the file again: it must be one "
+                             "complete JSON list of records")
   if not isinstance(records, list):
-    raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}.")
+    raise InputError(f"{path}: expected a JSON list of records ([{{\"id\", \"image\", \"conversations\"}}, "
+                     f"...]), got a {type(records).__name__}; give the LLaVA-format file.")
   return records
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from vlm_jax.config import (Config, DataConfig, DecoderConfig, ModelConfig, StageConfig, TokenizerConfig, TrainConfig,
                             VisionConfig, to_dict, validate)
 from vlm_jax.convert import hf_config, hf_names
+from vlm_jax.inputs import files
 from vlm_jax.inputs.tokenizer import IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
 IMPORT_STAGE = "import"
@@ -39,7 +40,7 @@ class Checkpoint:
     self.dir = pathlib.Path(hf_dir)
     index = self.dir / "model.safetensors.index.json"
     if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = files.read_json(index, "safetensors index", "save the model again")["weight_map"]
     elif (self.dir / "model.safetensors").exists():
       from safetensors import safe_open
       with safe_open(self.dir / "model.safetensors", framework="pt") as f:
@@ -101,7 +102,7 @@ def _read_config(hf_dir: pathlib.Path) -> dict[str, Any]:
   path = hf_dir / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{hf_dir} has no config.json.")
-  return json.loads(path.read_text())
+  return files.read_json(path, "HF config.json", "save the model again with transformers' save_pretrained")
 
 
 def _image_processor_config(hf_dir: pathlib.Path) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _image_processor_config(hf_dir: pathlib.Path) -> dict[str, Any]:
   for name, part in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
     path = hf_dir / name
     if path.exists():
-      data = json.loads(path.read_text())
+      data = files.read_json(path, f"HF {name}", "save the processor again with transformers' save_pretrained")
       data = data.get(part, {}) if part else data
       if data:
         return data

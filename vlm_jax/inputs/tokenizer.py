@@ -16,6 +16,8 @@ import os
 
 from etils import epath
 
+from vlm_jax.inputs import files
+
 IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -106,8 +108,15 @@ class Tokenizer:
       path = found[0]
     roles = _read_roles(directory)
     if path.suffix == ".model":
-      return cls(sentencepiece_proto=path.read_bytes(), roles=roles)
-    return cls(hf_json=path.read_text(), roles=roles)
+      proto = path.read_bytes()
+      # protobuf does not say where parsing stopped: the size tells a truncated file
+      with files.reading(path, f"sentencepiece model of {len(proto)} bytes",
+                         "copy or save the tokenizer again (a truncated file?)"):
+        return cls(sentencepiece_proto=proto, roles=roles)
+    hint = "copy or save the tokenizer again (a truncated file?), e.g. with transformers' save_pretrained"
+    text = files.read_text(path, "tokenizer.json", hint)
+    with files.reading(path, "HF tokenizer.json", hint, errors=(Exception,)):  # tokenizers raises a bare Exception
+      return cls(hf_json=text, roles=roles)
 
   def save(self, directory: str | os.PathLike) -> None:
     """Writes tokenizer.model or tokenizer.json, plus special_tokens.json."""
@@ -205,12 +214,12 @@ def _read_roles(directory: epath.Path) -> dict[str, str | None]:
   """pad/unk/bos/eos tokens from our special_tokens.json, else from an HF tokenizer_config.json."""
   ours = directory / SPECIAL_TOKENS_FILE
   if ours.exists():
-    data = json.loads(ours.read_text())
+    data = files.read_json(ours, "tokenizer's special-tokens file", "save the tokenizer again")
     return {k: data.get(k) for k in ("pad", "unk", "bos", "eos")}
   hf = directory / "tokenizer_config.json"
   if not hf.exists():
     return {}
-  data = json.loads(hf.read_text())
+  data = files.read_json(hf, "HF tokenizer_config.json", "save the tokenizer again with transformers")
   roles = {}
   for role in ("pad", "unk", "bos", "eos"):
     value = data.get(f"{role}_token")
