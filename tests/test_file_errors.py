@@ -82,7 +82,8 @@ def test_truncated_hf_config_json(tmp_path, capsys):
 def test_workdir_config_json_with_bad_bytes(tmp_path, capsys):
   (tmp_path / "config.json").write_bytes(b'{"model": {"name": "caf\xe9"}}')  # latin-1, not UTF-8
   line = _fails(capsys, ["generate", "--workdir", str(tmp_path), "--prompt", "hi"], "generate")
-  assert f"{tmp_path / 'config.json'}: this workdir config is not UTF-8 text at byte 23 of 27 (invalid continuation byte)" in line
+  assert f"{tmp_path / 'config.json'}: this workdir config is not UTF-8 text at byte 23 of 27 (invalid " \
+         "continuation byte)" in line
 
 
 def test_truncated_workdir_config_json(tmp_path, capsys):

@@ -111,3 +111,30 @@ def test_clipping_ignores_frozen_grads():
   b, _ = tx.update(huge, tx.init(params), params)
   for x, y in zip(jax.tree.leaves(a["projector"]), jax.tree.leaves(b["projector"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_moe_expert_weights_decay_like_kernels():
+  """shapes_moe's real param tree: every matmul weight decays (Dense kernels and the experts' stacked gate_up /
+  down matrices, which are not named kernel); norms, biases, embeddings, pos_embed and scalars do not."""
+  from vlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from vlm_jax.model.vlm import abstract_params  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.load("shapes_moe")
+  shapes, _ = abstract_params(cfg.model)
+  paths = jax.tree.leaves(optimizer.param_paths(shapes))
+  decayed = {p for p, d in zip(paths, jax.tree.leaves(optimizer.weight_decay_mask(shapes))) if d}
+  layers = range(cfg.model.decoder.num_layers)
+  experts = {f"decoder/layers_{i}/moe/experts/{m}" for i in layers for m in ("gate_up", "down")}
+  assert cfg.model.decoder.moe.num_experts == 4 and not cfg.model.scan_layers and experts <= set(paths)
+  kernels = {p for p in paths if p.endswith("/kernel")}
+  assert decayed == kernels | experts
+  assert {p.split("/")[-1] for p in set(paths) - decayed} == {
+      "bias", "scale", "embedding", "pos_embed", "logit_bias", "logit_scale"}
+  # The optimizer applies it: a zero gradient moves exactly the decayed params, by -lr * wd * p (one MoE layer).
+  layer = {"decoder": {"layers_0": shapes["decoder"]["layers_0"]}}
+  layer = jax.tree.map(lambda s: np.full(s.shape, 2.0, s.dtype), layer)
+  st = stage(trainable=(".*",), weight_decay=0.5, warmup_steps=0, lr=0.1, grad_clip=1e9)
+  tx = optimizer.make_optimizer(st, layer)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, layer), tx.init(layer), layer)
+  for path, u in zip(jax.tree.leaves(optimizer.param_paths(layer)), jax.tree.leaves(updates)):
+    np.testing.assert_array_equal(np.unique(np.asarray(u)), np.float32([-0.1 if path in decayed else 0.0]),
+                                  err_msg=path)

@@ -48,10 +48,16 @@ def schedule(stage: StageConfig) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for matrices named `kernel`: norms, biases, embedding tables, position embeddings, CLS tokens and
-  scalars (all other leaf names, or 1-D) are not decayed."""
-  paths = param_paths(params)
-  return jax.tree.map(lambda p, x: p.split("/")[-1] == "kernel" and len(x.shape) >= 2, paths, params)
+  """True for matmul weights (kernels, MoE expert matrices): norms, biases, embedding tables, position embeddings,
+  CLS tokens and scalars (all other leaf names, or 1-D) are not decayed."""
+  return jax.tree.map(lambda p, x: _is_matmul_weight(p, x.shape), param_paths(params), params)
+
+
+def _is_matmul_weight(path: str, shape: tuple[int, ...]) -> bool:
+  """Dense kernels and the MoE experts' stacked matrices (`.../experts/gate_up [E,D,2,F]`, `.../experts/down
+  [E,F,D]`, which are not named kernel)."""
+  *_, parent, name = ("", *path.split("/"))
+  return len(shape) >= 2 and (name == "kernel" or (parent == "experts" and name in ("gate_up", "down")))
 
 
 def lr_multipliers(params: Any, stage: StageConfig) -> Any:
