@@ -12,6 +12,19 @@ with the analytic model FLOPs (vlm_jax/flops.py) it gives a roofline bound on th
                  the peak temporaries written and read once (a lower bound on HBM traffic)
   step time   >= max(compute time, memory time);  MFU <= compute time / step time bound.
 
+The HLO roofline reads XLA's own per-device `flops` and `bytes accessed` of the compiled train step (after
+fusion, remat and layout) and estimates the step time and MFU from them:
+
+  roofline time = max(XLA flops / device peak, XLA bytes accessed / device HBM bandwidth)
+  estimated MFU = model FLOPs / (chips * peak * roofline time)
+
+XLA counts a scanned loop body once, so these come from an unscanned compile (`roofline="unscanned"`), or from
+unscanned compiles of 2k and 4k decoder layers (k = the MoE interleave; the ViT likewise at 2 and 4 blocks)
+extrapolated linearly, c(L) = c(2k) + (L - 2k) / 2k * (c(4k) - c(2k)) (`"extrapolate"`, much cheaper for big
+models). Pallas kernels are custom calls XLA does not count: their model FLOPs are added at peak. XLA:TPU's own
+`optimal_seconds` is shown only where it is sane (positive and not below the roofline); on v5e and on some whole
+steps it comes out negative.
+
 A compile that runs out of HBM (XLA fails with RESOURCE_EXHAUSTED) is reported as not fitting.
 """
 from __future__ import annotations
@@ -28,7 +41,7 @@ from jax.experimental import topologies
 
 from vlm_jax import flops as flops_lib
 from vlm_jax.compile_cache import fresh_compiles
-from vlm_jax.config import Config, ConfigError, row_shape
+from vlm_jax.config import Config, ConfigError, apply_overrides, row_shape
 from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding, make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
@@ -46,8 +59,8 @@ class Chip:
   hbm_bandwidth: float
 
 
-# Public spec-sheet numbers per chip (a v4 / v5p chip holds two TensorCores; a topology description may
-# list each core as a device, then each gets half).
+# Public spec-sheet numbers per chip, the one table of them (a v4 / v5p chip holds two TensorCores; a
+# topology description may list each core as a device, then each gets half).
 CHIPS = {
     "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12),
     "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.82e12),
@@ -106,6 +119,35 @@ def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
           "compiled": compiled}
 
 
+def xla_cost(compiled: Any) -> dict[str, float]:
+  """XLA's per-device cost analysis of a compiled executable: flops, bytes (accessed), optimal_seconds
+  (XLA:TPU's cost-model time; -1.0 where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
+          "optimal_seconds": float(cost.get("optimal_seconds", -1.0))}
+
+
+def roofline_seconds(cost: dict[str, float], chip: Chip, per_chip: int, kernel_flops: float = 0.0) -> float:
+  """max(flops / device peak, bytes / device HBM bandwidth) of one device's cost, seconds; `kernel_flops`
+  (custom calls XLA does not count) join the flops."""
+  return max((cost["flops"] + kernel_flops) / (chip.peak_flops / per_chip),
+             cost["bytes"] / (chip.hbm_bandwidth / per_chip))
+
+
+def sane_optimal_seconds(optimal_seconds: float, roofline: float) -> float | None:
+  """XLA:TPU's optimal_seconds where it can be believed (positive, not below the roofline), else None."""
+  return optimal_seconds if optimal_seconds > 0 and optimal_seconds >= roofline else None
+
+
+def extrapolate(base: dict[str, float], more: dict[str, float], base_layers: int, more_layers: int,
+                layers: int) -> dict[str, float]:
+  """The part of a cost linear in a layer count: base + (layers - base_layers) / (more_layers - base_layers) *
+  (more - base), per key (base, more: costs with base_layers and more_layers layers)."""
+  t = (layers - base_layers) / (more_layers - base_layers)
+  return {k: base[k] + t * (more[k] - base[k]) for k in base}
+
+
 def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num_tiles: int,
                    mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a global batch, leading axis sharded over (data, fsdp)."""
@@ -147,14 +189,53 @@ def compile_prefill(config: Config, mesh: Any, batch: dict) -> dict[str, Any]:
     return compile_memory(jax.jit(prefill), params, prompt)
 
 
+ROOFLINES = ("none", "auto", "unscanned", "extrapolate")
+
+
+def _with(config: Config, overrides: list[str]) -> Config:
+  return apply_overrides(config, overrides) if overrides else config
+
+
+def whole_step_cost(config: Config, stage: Any, mesh: Any, batch: dict, method: str) -> dict[str, float] | None:
+  """XLA's per-device cost of the whole train step, unscanned: one compile ("unscanned"), or the linear
+  extrapolation from 2k and 4k layers per tower ("extrapolate"; see the module docstring). None when a compile
+  does not fit in HBM."""
+  def cost(overrides):
+    out = compile_train_step(_with(config, ["model.scan_layers=false", *overrides]), stage, mesh, batch)
+    return None if out["compiled"] is None else xla_cost(out["compiled"])
+  if method == "unscanned":
+    return cost([])
+  d, v = config.model.decoder, config.model.vision
+  k = d.moe.every_n_layers if d.moe.num_experts else 1
+  towers = [("model.decoder.num_layers", 2 * k, 4 * k, d.num_layers)]
+  if v.kind != "none" and v.feature_layer < 0 and stage.loss == "lm" and batch["pixel_values"].shape[1]:
+    towers.append(("model.vision.depth", 2, 4, v.depth))
+  base_overrides = [f"{key}={lo}" for key, lo, _, _ in towers]
+  base = cost(base_overrides)
+  if base is None:
+    return None
+  total = dict(base)
+  for i, (key, lo, hi, layers) in enumerate(towers):
+    more = cost([o if j != i else f"{key}={hi}" for j, o in enumerate(base_overrides)])
+    if more is None:
+      return None
+    grown = extrapolate(base, more, lo, hi, layers)
+    total = {name: total[name] + grown[name] - base[name] for name in total}
+  return total
+
+
 def aot_report(config: Config, topology: str, stage_name: str | None = None, batch_size: int | None = None,
-               seq_len: int | None = None, prefill: bool = True) -> dict[str, Any]:
+               seq_len: int | None = None, prefill: bool = True, roofline: str = "none") -> dict[str, Any]:
   """Compiles a stage's train step (and a prefill) for a TPU topology; returns memory, FLOPs and roofline.
 
   Defaults: the last stage, its global batch_size and row shape (`config.row_shape`: its seq_len and tile slots,
   else data's).
   Memory numbers are bytes per device; `fits` says whether every compiled program fits the device's HBM.
+  roofline: none | unscanned | extrapolate | auto (the main compile's own cost when the config is unscanned,
+  else extrapolate): how XLA's whole-step cost is found for the HLO roofline (module docstring).
   """
+  if roofline not in ROOFLINES:
+    raise ConfigError(f"roofline={roofline!r}: choose one of {', '.join(ROOFLINES)}.")
   stage = config.train.stage(stage_name) if stage_name else config.train.stages[-1]
   batch_size = stage.batch_size if batch_size is None else batch_size
   row_tokens, num_tiles = row_shape(config, stage)
@@ -189,7 +270,9 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
   else:
     moved = memory_seconds = None
   bound = max(compute_seconds, memory_seconds or 0.0)
-  return {
+  estimate = hlo_estimate(config, stage, mesh, batch, programs["train_step"], roofline, chip, per_chip,
+                          num_chips, step_flops)
+  return {**estimate,
       "config": config.name, "topology": topology, "chip": chip.name, "num_chips": num_chips,
       "num_devices": len(devices), "mesh": dict(mesh.shape), "stage": stage.name, "batch_size": batch_size,
       "seq_len": seq_len, "num_tiles": num_tiles if stage.loss == "lm" else 1, "grad_accum": stage.grad_accum,
@@ -200,6 +283,38 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
       "compute_seconds": compute_seconds, "memory_seconds": memory_seconds, "step_seconds_bound": bound,
       "mfu_bound": compute_seconds / bound if bound else None,
   }
+
+
+def hlo_estimate(config: Config, stage: Any, mesh: Any, batch: dict, train: dict, method: str, chip: Chip,
+                 per_chip: int, num_chips: int, step_flops: float) -> dict[str, Any]:
+  """The report's HLO roofline keys: xla_cost (per device, whole step), roofline_method, roofline_seconds,
+  roofline_bound ('compute' | 'memory'), mfu_estimate, optimal_seconds (None unless sane), optimal_mfu."""
+  out = dict(xla_cost=None, roofline_method=method, roofline_seconds=None, roofline_bound=None,
+             mfu_estimate=None, optimal_seconds=None, optimal_mfu=None)
+  if method == "auto":
+    method = "unscanned" if not config.model.scan_layers else "extrapolate"
+    out["roofline_method"] = method
+  if method == "none" or train["compiled"] is None:
+    return out
+  if method == "unscanned" and not config.model.scan_layers:
+    cost = xla_cost(train["compiled"])
+  else:
+    cost = whole_step_cost(config, stage, mesh, batch, method)
+  if cost is not None:
+    out.update(estimate_from_cost(cost, chip, per_chip, num_chips, step_flops))
+  return out
+
+
+def estimate_from_cost(cost: dict[str, float], chip: Chip, per_chip: int, num_chips: int,
+                       step_flops: float) -> dict[str, Any]:
+  """XLA's whole-step cost per device -> xla_cost, roofline_seconds, roofline_bound, mfu_estimate (model FLOPs
+  over chips * peak * roofline), optimal_seconds (None unless sane) and optimal_mfu."""
+  seconds = roofline_seconds(cost, chip, per_chip)
+  compute = cost["flops"] / (chip.peak_flops / per_chip)
+  optimal = sane_optimal_seconds(cost["optimal_seconds"], seconds)
+  mfu = lambda t: step_flops / (num_chips * chip.peak_flops * t)
+  return dict(xla_cost=cost, roofline_seconds=seconds, roofline_bound="compute" if compute >= seconds else "memory",
+              mfu_estimate=mfu(seconds), optimal_seconds=optimal, optimal_mfu=None if optimal is None else mfu(optimal))
 
 
 def _gib(n: int | None) -> str:
@@ -232,13 +347,22 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [f"HBM time               {r['memory_seconds'] * 1e3:.1f} ms "
               f"({_gib(r['hbm_bytes_moved_per_device'])} per device, lower bound)",
               f"step time bound        {r['step_seconds_bound'] * 1e3:.1f} ms -> MFU <= {r['mfu_bound']:.0%}"]
+  if r.get("roofline_seconds") is not None:
+    cost = r["xla_cost"]
+    optimal = ("no estimate" if r["optimal_seconds"] is None else
+               f"{r['optimal_seconds'] * 1e3:.1f} ms -> est. MFU {r['optimal_mfu']:.2f}")
+    lines += [f"XLA per device         {cost['flops'] / 1e12:.3f} TFLOP, {cost['bytes'] / 1e9:.2f} GB accessed "
+              f"(whole step, {r['roofline_method']})",
+              f"HLO roofline           {r['roofline_seconds'] * 1e3:.1f} ms ({r['roofline_bound']}) -> est. MFU "
+              f"{r['mfu_estimate']:.2f}",
+              f"XLA optimal_seconds    {optimal}"]
   lines.append(f"fits: {'yes' if r['fits'] else 'NO'}")
   return "\n".join(lines)
 
 
 def main(config: Config, topology: str, stage_name: str | None = None, batch_size: int | None = None,
-         seq_len: int | None = None) -> int:
+         seq_len: int | None = None, roofline: str = "auto") -> int:
   """`vlm-jax aot`: prints the report; exit code 0 when everything fits, 1 when not."""
-  report = aot_report(config, topology, stage_name, batch_size, seq_len)
+  report = aot_report(config, topology, stage_name, batch_size, seq_len, roofline=roofline)
   print(format_report(report))
   return 0 if report["fits"] else 1

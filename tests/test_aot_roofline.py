@@ -1,0 +1,89 @@
+"""vlm_jax.aot's HLO roofline: XLA's whole-step cost of the compiled TPU program, the estimated step time and MFU
+from it, and XLA:TPU's optimal_seconds only where it is sane. One tiny unscanned compile for v5e:2x2."""
+import pytest
+
+from vlm_jax import aot, config, flops
+
+pytestmark = pytest.mark.tpu
+TINY = ["model.scan_layers=false", "model.decoder.num_layers=2", "model.vision.depth=1", "model.decoder.width=128",
+        "model.decoder.num_heads=2", "model.decoder.num_kv_heads=1"]
+
+
+@pytest.fixture(scope="module")
+def report():
+  cfg = config.load("shapes_tiny", TINY)
+  return aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=8, seq_len=128, prefill=False, roofline="auto")
+
+
+def test_roofline_is_max_of_xla_flops_and_bytes_over_the_chip(report):
+  """Unscanned config: the compile itself is the whole step; roofline and MFU follow from its cost_analysis."""
+  r = report
+  compiled = r["programs"]["train_step"]["compiled"]
+  cost = aot.xla_cost(compiled)
+  assert r["roofline_method"] == "unscanned" and r["xla_cost"] == cost
+  raw = compiled.cost_analysis()
+  assert cost["flops"] == raw["flops"] > 0 and cost["bytes"] == raw["bytes accessed"] > 0
+  v5e = aot.CHIPS["v5e"]
+  assert (v5e.peak_flops, v5e.hbm_bandwidth) == (197e12, 0.82e12)
+  expected = max(cost["flops"] / 197e12, cost["bytes"] / 0.82e12)  # one device per v5e chip
+  assert r["roofline_seconds"] == pytest.approx(expected, rel=1e-12)
+  assert r["roofline_bound"] == ("compute" if cost["flops"] / 197e12 >= cost["bytes"] / 0.82e12 else "memory")
+  model_flops = flops.train_step_flops(config.load("shapes_tiny", TINY), "instruct", 8, 128)
+  assert r["flops_per_step"] == model_flops
+  assert r["mfu_estimate"] == pytest.approx(model_flops / (4 * 197e12 * expected), rel=1e-12)
+  assert 0 < r["mfu_estimate"] < 1
+
+
+def test_optimal_seconds_only_where_sane(report):
+  """The compile's own optimal_seconds shows when it is positive and not below the roofline; a negative one
+  (seen on whole v5e train steps: -1129 s for smolvlm_256m) prints "no estimate"."""
+  r = report
+  own = r["xla_cost"]["optimal_seconds"]
+  if own > 0 and own >= r["roofline_seconds"]:
+    assert r["optimal_seconds"] == own
+    assert r["optimal_mfu"] == pytest.approx(r["mfu_estimate"] * r["roofline_seconds"] / own)
+  else:
+    assert r["optimal_seconds"] is None
+  negative = dict(r["xla_cost"], optimal_seconds=-1129.0)
+  bad = {**r, **aot.estimate_from_cost(negative, aot.CHIPS["v5e"], 1, 4, r["flops_per_step"])}
+  assert bad["optimal_seconds"] is None and bad["optimal_mfu"] is None
+  assert bad["roofline_seconds"] == r["roofline_seconds"] and bad["mfu_estimate"] == r["mfu_estimate"]
+  text = aot.format_report(bad)
+  assert "XLA optimal_seconds    no estimate" in text
+  assert f"HLO roofline           {r['roofline_seconds'] * 1e3:.1f} ms ({r['roofline_bound']}) -> est. MFU" in text
+  sane = dict(r["xla_cost"], optimal_seconds=2 * r["roofline_seconds"])
+  good = {**r, **aot.estimate_from_cost(sane, aot.CHIPS["v5e"], 1, 4, r["flops_per_step"])}
+  assert f"XLA optimal_seconds    {2 * r['roofline_seconds'] * 1e3:.1f} ms -> est. MFU" in aot.format_report(good)
+
+
+def test_sane_optimal_seconds():
+  assert aot.sane_optimal_seconds(-1129.0, 0.48) is None
+  assert aot.sane_optimal_seconds(0.3, 0.48) is None  # below the roofline: not believable
+  assert aot.sane_optimal_seconds(2.27, 1.78) == 2.27
+
+
+def test_extrapolation_over_layers_of_both_towers(monkeypatch):
+  """whole_step_cost('extrapolate') compiles 2/4 decoder layers and 2/4 ViT blocks unscanned and adds each
+  tower's linear growth: with a cost exactly linear in both counts it recovers the full model's cost."""
+  cfg = config.load("shapes_tiny", ["model.decoder.num_layers=30", "model.vision.depth=12"])
+  seen = []
+
+  class Fake:
+    def __init__(self, c):
+      self.c = c
+
+    def cost_analysis(self):
+      d, v = self.c.model.decoder.num_layers, self.c.model.vision.depth
+      return {"flops": 10.0 + 3.0 * d + 5.0 * v, "bytes accessed": 1.0 + 7.0 * d + 2.0 * v,
+              "optimal_seconds": -1.0 + 0.5 * d}
+
+  def fake_compile(c, stage, mesh, batch):
+    assert not c.model.scan_layers
+    seen.append((c.model.decoder.num_layers, c.model.vision.depth))
+    return {"compiled": Fake(c)}
+  monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+  batch = {"pixel_values": type("S", (), {"shape": (8, 2, 48, 48, 3)})()}
+  cost = aot.whole_step_cost(cfg, cfg.train.stage("instruct"), None, batch, "extrapolate")
+  assert seen == [(2, 2), (4, 2), (2, 4)]
+  assert cost == pytest.approx({"flops": 10 + 90 + 60, "bytes": 1 + 210 + 24, "optimal_seconds": -1 + 15})
+  assert aot.extrapolate({"x": 1.0}, {"x": 3.0}, 2, 4, 32) == {"x": 31.0}
