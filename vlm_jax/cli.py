@@ -35,9 +35,8 @@ def cmd_config_show(args) -> int:
 def cmd_train(args) -> int:
   from vlm_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
-  from vlm_jax import init  # pylint: disable=import-outside-toplevel
   from vlm_jax.train import run  # pylint: disable=import-outside-toplevel
-  finished = run.run(init.train_config(args.config, args.set, args.workdir), args.workdir, stage=args.stage)
+  finished = run.run(_load(args), args.workdir, stage=args.stage)
   distributed.shutdown()
   return 0 if finished else distributed.PREEMPTED_EXIT_CODE
 
@@ -49,10 +48,6 @@ def cmd_data_prepare(args) -> int:
     options["json_path"] = args.json
   if args.image_dir:
     options["image_dir"] = args.image_dir
-  if args.parquet:
-    options["parquet"] = args.parquet
-  if args.format:
-    options["format"] = args.format
   report = datasets.prepare(args.name, args.data_dir, **options)
   print(report)
   return 0
@@ -87,8 +82,7 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
   from vlm_jax.convert import export  # pylint: disable=import-outside-toplevel
-  part = "adapter" if args.adapter else "base" if args.base else "merged"
-  out = export.export_workdir(args.workdir, args.out, stage=args.stage, dtype=args.dtype, fmt=args.format, part=part)
+  out = export.export_workdir(args.workdir, args.out, stage=args.stage, dtype=args.dtype, fmt=args.format)
   print(f"exported to {out}")
   return 0
 
@@ -98,15 +92,6 @@ def cmd_import_hf(args) -> int:
   cfg = load.import_hf(args.hf_dir, args.workdir)
   print(f"imported {args.hf_dir} into {args.workdir} (stage 'import'; vision {cfg.model.vision.kind}, "
         f"projector {cfg.model.projector.kind}, decoder {cfg.model.decoder.num_layers} layers)")
-  return 0
-
-
-def cmd_init(args) -> int:
-  from vlm_jax import init  # pylint: disable=import-outside-toplevel
-  cfg = init.init(args.config, args.workdir, args.vision, args.decoder, args.set)
-  print(f"initialised {args.workdir} (stage '{init.INIT_STAGE}'; vision {cfg.model.vision.kind} from {args.vision}, "
-        f"fresh {cfg.model.projector.kind} projector, decoder from {args.decoder}); train it with "
-        f"`vlm-jax train --config {args.config} --workdir {args.workdir}`")
   return 0
 
 
@@ -189,28 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", default="hf", choices=("hf", "torch"),
                  help="hf: transformers directory with processor; torch: plain state_dict + name map "
                  "(default: %(default)s)")
-  lora_part = p.add_mutually_exclusive_group()  # a LoRA stage exports merged unless one of these is given
-  lora_part.add_argument("--adapter", action="store_true",
-                         help="LoRA stage: write its adapters as a PEFT directory (adapter_config.json, "
-                         "adapter_model.safetensors) for peft.PeftModel.from_pretrained(base, OUT)")
-  lora_part.add_argument("--base", action="store_true",
-                         help="LoRA stage: write the model without its adapters (the base the --adapter export "
-                         "applies to)")
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("import-hf", help="turn a transformers LLaVA / Idefics3 directory into a vlm_jax workdir")
   p.add_argument("--hf-dir", required=True, help="local directory with config.json, *.safetensors, tokenizer")
   p.add_argument("--workdir", required=True)
   p.set_defaults(fn=cmd_import_hf)
-
-  p = sub.add_parser("init", help="compose a VLM workdir from a HF vision tower and a HF causal LM (new projector)")
-  _add_config_args(p)
-  p.add_argument("--workdir", required=True, help="output dir (local or gs://); train it with the same --config")
-  p.add_argument("--vision", required=True, help="SiglipVisionModel / SiglipModel / CLIPVisionModel / CLIPModel "
-                 "directory (local or gs://: config.json, *.safetensors, preprocessor_config.json)")
-  p.add_argument("--decoder", required=True, help="LlamaForCausalLM directory (local or gs://: config.json, "
-                 "*.safetensors, tokenizer.json)")
-  p.set_defaults(fn=cmd_init)
 
   p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
   p.add_argument("--config", default="shapes_tiny", help="config name in configs/ or a .py path (default: %(default)s)")
@@ -256,20 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("data", help="dataset tools: prepare, show")
   dsub = p.add_subparsers(dest="data_command", required=True)
-  q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json, hf_parquet) into --data-dir")
-  q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), llava_json (with --json) or "
-                 "hf_parquet[/NAME] (with --parquet)")
+  q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json) into --data-dir")
+  q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), or llava_json (with --json)")
   q.add_argument("--data-dir", required=True, help="TFDS data dir (local or gs://)")
   q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                  help="builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
   q.add_argument("--json", default=None, help="llava_json: the LLaVA-format JSON file")
   q.add_argument("--image-dir", default=None, help="llava_json: folder the JSON's image paths are relative to")
-  q.add_argument("--parquet", default=None, metavar="GLOB",
-                 help="hf_parquet: the Hub download's shards, e.g. 'DIR/data/*.parquet' (quoted; local or gs://); "
-                 "one split per file prefix (train-00000-of-00002.parquet -> train)")
-  q.add_argument("--format", default=None, choices=("trl", "cauldron", "vqa"),
-                 help="hf_parquet: trl (messages + images), cauldron (images + texts), vqa (a table: --set "
-                 "image=COL question=COL answer=COL or answers=COL, source=NAME; default: from the columns)")
   q.set_defaults(fn=cmd_data_prepare)
   q = dsub.add_parser("show", help="print what the model sees for a few batch rows")
   _add_config_args(q)
