@@ -2,6 +2,18 @@
 
 Sized for a v5p-8 / v4-32 with FSDP. Stages follow LLaVA-1.5: align on LLaVA-Pretrain-558K (projector only,
 lr 1e-3, batch 256), then instruct on LLaVA-Instruct-665K (projector + LLM, lr 2e-5, batch 128).
+
+The backbones, downloaded once and composed by `vlm-jax init` (tower shapes come from the checkpoints; CLIP is
+read at layer -2 with CLS dropped; a fresh projector joins them):
+
+  huggingface-cli download openai/clip-vit-large-patch14-336 --local-dir ckpt/clip-vit-large-patch14-336
+  huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir ckpt/Llama-2-7b-hf   # or lmsys/vicuna-7b-v1.5
+  vlm-jax init --config llava15_7b --workdir gs://YOUR_BUCKET/llava15 \
+      --vision ckpt/clip-vit-large-patch14-336 --decoder ckpt/Llama-2-7b-hf
+  vlm-jax train --config llava15_7b --workdir gs://YOUR_BUCKET/llava15
+
+vlm_jax reads safetensors and tokenizer.json only: a checkpoint that ships pytorch_model*.bin or only a
+tokenizer.model (vicuna-7b-v1.5) must be re-saved once with transformers' save_pretrained (model and fast tokenizer).
 """
 from vlm_jax.config import (Config, DataConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
                             StageConfig, TokenizerConfig, TrainConfig, VisionConfig)

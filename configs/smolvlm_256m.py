@@ -1,7 +1,15 @@
 """SmolVLM-256M shapes: SigLIP-B/16-512 + pixel shuffle 4 + SmolLM2-135M (the nanoVLM / Idefics3 design).
 
-Real users start from pretrained backbones (see README: `init_from` an imported HF checkpoint) and run
-align then instruct. Sized for a TPU v5e-8.
+Real users start from the pretrained backbones, downloaded once, composed by `vlm-jax init` (the towers' shapes
+below are then replaced by the checkpoints' own and a fresh projector joins them), then align and instruct:
+
+  huggingface-cli download google/siglip-base-patch16-512 --local-dir ckpt/siglip-base-patch16-512
+  huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir ckpt/SmolLM2-135M-Instruct
+  vlm-jax init --config smolvlm_256m --workdir gs://YOUR_BUCKET/smolvlm \
+      --vision ckpt/siglip-base-patch16-512 --decoder ckpt/SmolLM2-135M-Instruct
+  vlm-jax train --config smolvlm_256m --workdir gs://YOUR_BUCKET/smolvlm
+
+(SmolLM2-360M-Instruct works the same way.) Sized for a TPU v5e-8.
 """
 from vlm_jax.config import (Config, DataConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
                             StageConfig, TokenizerConfig, TrainConfig, VisionConfig)

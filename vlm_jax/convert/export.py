@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from vlm_jax.config import DataConfig, ModelConfig
-from vlm_jax.convert import hf_config, hf_names
+from vlm_jax.convert import hf_config, hf_names, hf_tokens
 from vlm_jax.inputs.tokenizer import IM_END, IMAGE_TOKEN, Tokenizer
 
 # ChatML exactly as vlm_jax/inputs/chat.py renders it. Content is a string with `<image>` placeholders, or a
@@ -115,7 +115,8 @@ def sentencepiece_bpe_merges(m: Any) -> tuple[dict[str, int], list[tuple[str, st
 
 
 def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") -> Any:
-  """Our tokenizer directory -> PreTrainedTokenizerFast with its pad/unk/bos/eos roles and the chat template."""
+  """Our tokenizer directory -> PreTrainedTokenizerFast with its pad/unk/bos/eos roles and the chat template (the
+  one saved beside it, vlm_jax/convert/hf_tokens.py, else vlm_jax's ChatML)."""
   from transformers import PreTrainedTokenizerFast
   import tokenizers
   tokenizer_dir = epath.Path(tokenizer_dir)  # a gs:// workdir's tokenizer too
@@ -125,8 +126,8 @@ def hf_tokenizer(tokenizer_dir: str | pathlib.Path, padding_side: str = "left") 
   else:
     backend = tokenizers.Tokenizer.from_str((tokenizer_dir / "tokenizer.json").read_text())
   roles = {f"{r}_token": t for r, t in tok.roles.items() if t is not None}
-  return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, chat_template=CHAT_TEMPLATE,
-                                 **roles)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side,
+                                 chat_template=hf_tokens.saved_template(tokenizer_dir, CHAT_TEMPLATE), **roles)
 
 
 def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig()) -> Any:
@@ -148,7 +149,7 @@ def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig
     strategy = v.select_strategy if v.kind == "clip" else "full"
     return transformers.LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=v.patch_size,
-        vision_feature_select_strategy=strategy, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        vision_feature_select_strategy=strategy, chat_template=tokenizer.chat_template, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if v.kind == "clip" else 0)
   image_processor = transformers.Idefics3ImageProcessorPil(
       size={"longest_edge": data.max_image_size or 4 * v.image_size}, max_image_size={"longest_edge": v.image_size},
@@ -156,7 +157,8 @@ def hf_processor(cfg: ModelConfig, tokenizer: Any, data: DataConfig = DataConfig
       # pipeline resizes once, straight to the tile, so the longest-edge step is switched off.
       do_image_splitting=data.image_splitting, do_resize=data.image_splitting, **common)
   return transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                        image_seq_len=cfg.image_tokens_per_tile, chat_template=CHAT_TEMPLATE)
+                                        image_seq_len=cfg.image_tokens_per_tile,
+                                        chat_template=tokenizer.chat_template)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,8 +219,10 @@ def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.
 
 
 def eos_ids(tokenizer: Tokenizer) -> list[int]:
-  """Ids generation stops at: `<|im_end|>` (ChatML turn end) and the tokenizer's eos."""
-  return [tokenizer.token_to_id(IM_END)] + ([tokenizer.eos_id] if tokenizer.roles.get("eos") else [])
+  """Ids generation stops at: `<|im_end|>` (ChatML turn end; a model with its own template may lack it) and the
+  tokenizer's eos."""
+  im_end = tokenizer.token_to_id(IM_END)
+  return ([] if im_end is None else [im_end]) + ([tokenizer.eos_id] if tokenizer.roles.get("eos") else [])
 
 
 def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, stage: str | None = None,

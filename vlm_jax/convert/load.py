@@ -9,41 +9,45 @@ model, a Llama causal LM). Safetensors only: pickled `pytorch_model.bin` files a
                              stage "import" (Orbax, vlm_jax/checkpoint.py layout), so `init_from=W` starts from it
 
 Every mapped HF tensor must be present with its expected shape and every HF tensor must be used (except the
-ones `hf_names.IGNORED` names); otherwise the error names the param path, both shapes and the file. When the
-tokenizer lacks special tokens vlm_jax needs (`<image>`, ChatML), they are appended and the embedding (and
-lm_head) grow by rows set to the mean of the existing rows: deterministic, and a neutral start.
+ones `hf_names.IGNORED` names); otherwise the error names the param path, both shapes and the file. A model keeps
+its own tokens and chat template; only special tokens its prompts need and its tokenizer lacks are appended
+(vlm_jax/convert/hf_tokens.py), and the embedding (and lm_head) grow by rows set to the mean of the existing rows:
+deterministic, and a neutral start. Paths may be local or gs:// (remote safetensors files are copied to a local
+temporary file to be read).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
-import pathlib
+import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
 import numpy as np
+from etils import epath
 
-from vlm_jax.config import (Config, DataConfig, DecoderConfig, ModelConfig, StageConfig, TokenizerConfig, TrainConfig,
-                            VisionConfig, to_dict, validate)
-from vlm_jax.convert import hf_config, hf_names
+from vlm_jax.config import (Config, DataConfig, DecoderConfig, InputError, ModelConfig, StageConfig, TokenizerConfig,
+                            TrainConfig, VisionConfig, to_dict, validate)
+from vlm_jax.convert import hf_config, hf_names, hf_tokens
 from vlm_jax.inputs import files
-from vlm_jax.inputs.tokenizer import IM_END, IM_START, IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
+from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, SPECIAL_TOKENS, Tokenizer
 
 IMPORT_STAGE = "import"
-CHAT_TOKENS = [IMAGE_TOKEN, IM_START, IM_END]
 
 
 class Checkpoint:
   """The tensors of an HF directory by canonical (transformers 5 in-memory) key, read lazily from safetensors.
   Mixtral's per-expert tensors (the on-disk layout) appear as the fused in-memory ones (`hf_names.fused_expert_keys`)."""
 
-  def __init__(self, hf_dir: str | pathlib.Path, family: str, keep: Callable[[str], bool] = lambda k: True):
-    self.dir = pathlib.Path(hf_dir)
+  def __init__(self, hf_dir: str | os.PathLike, family: str, keep: Callable[[str], bool] = lambda k: True):
+    self.dir = epath.Path(hf_dir)
     index = self.dir / "model.safetensors.index.json"
     if index.exists():
       weight_map = files.read_json(index, "safetensors index", "save the model again")["weight_map"]
     elif (self.dir / "model.safetensors").exists():
-      from safetensors import safe_open
-      with safe_open(self.dir / "model.safetensors", framework="pt") as f:
+      with self._safe_open("model.safetensors") as f:
         weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
       pickled = [p.name for p in self.dir.glob("*.bin")]
@@ -75,10 +79,15 @@ class Checkpoint:
     return self._tensor(*self.keys[key])
 
   def _tensor(self, file: str, original: str) -> np.ndarray:
-    from safetensors import safe_open
     if file not in self._open:
-      self._open[file] = safe_open(self.dir / file, framework="pt")
+      self._open[file] = self._safe_open(file)
     return self._open[file].get_tensor(original).float().numpy()
+
+  def _safe_open(self, file: str) -> Any:
+    """safetensors' reader of one file of the directory; a remote (gs://) file is copied to a local temporary
+    file first (safetensors memory-maps local files only), so both kinds of path are read the same way."""
+    from safetensors import safe_open
+    return safe_open(local_copy(self.dir / file), framework="pt")
 
   def read(self, entries: list[hf_names.Entry], allow_unused: Callable[[str], bool] = lambda k: False
            ) -> dict[str, np.ndarray]:
@@ -98,14 +107,14 @@ class Checkpoint:
     return flat
 
 
-def _read_config(hf_dir: pathlib.Path) -> dict[str, Any]:
+def _read_config(hf_dir: epath.Path) -> dict[str, Any]:
   path = hf_dir / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{hf_dir} has no config.json.")
   return files.read_json(path, "HF config.json", "save the model again with transformers' save_pretrained")
 
 
-def _image_processor_config(hf_dir: pathlib.Path) -> dict[str, Any]:
+def _image_processor_config(hf_dir: epath.Path) -> dict[str, Any]:
   """The image processor's settings: processor_config.json (transformers 5) or preprocessor_config.json."""
   for name, part in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
     path = hf_dir / name
@@ -132,7 +141,7 @@ def grow_vocab(flat: dict[str, np.ndarray], decoder: DecoderConfig, vocab_size: 
   return flat
 
 
-def _tokenizer(hf_dir: pathlib.Path, needed: list[str]) -> Tokenizer:
+def _tokenizer(hf_dir: epath.Path, needed: list[str]) -> Tokenizer:
   """The directory's tokenizer.json (HF's own, preferred over a tokenizer.model beside it) + missing `needed`."""
   path = hf_dir / "tokenizer.json"
   if not path.exists():
@@ -142,10 +151,27 @@ def _tokenizer(hf_dir: pathlib.Path, needed: list[str]) -> Tokenizer:
   return tok
 
 
-def load_hf(hf_dir: str | pathlib.Path, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, Tokenizer]:
+def _with_tokenizer(flat: dict[str, np.ndarray], decoder: DecoderConfig, tok: Tokenizer
+                    ) -> tuple[dict[str, np.ndarray], DecoderConfig]:
+  """Grows the embedding (mean rows) when the tokenizer got more tokens than the decoder has rows."""
+  if tok.vocab_size <= decoder.vocab_size:
+    return flat, decoder
+  return grow_vocab(flat, decoder, tok.vocab_size), dataclasses.replace(decoder, vocab_size=tok.vocab_size)
+
+
+def hf_needed_tokens(hf_dir: str | os.PathLike) -> list[str]:
+  """The special tokens a LLaVA / Idefics3 directory's prompts need (`hf_tokens.needed_tokens`)."""
+  hf_dir = epath.Path(hf_dir)
+  idefics3 = _read_config(hf_dir).get("model_type") == "idefics3"
+  splitting = idefics3 and _image_processor_config(hf_dir).get("do_image_splitting", True)
+  return hf_tokens.needed_tokens(hf_tokens.chat_template(hf_dir), "pixel_shuffle" if idefics3 else "mlp", splitting)
+
+
+def load_hf(hf_dir: str | os.PathLike, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, Tokenizer]:
   """A LLaVA or Idefics3 directory -> (ModelConfig, params (float32 numpy, scanned if `scan_layers`), Tokenizer).
-  Image mean/std come from the directory's image processor config."""
-  hf_dir = pathlib.Path(hf_dir)
+  Image mean/std come from the directory's image processor config. The tokenizer gains only the special tokens
+  its prompts lack (`hf_needed_tokens`)."""
+  hf_dir = epath.Path(hf_dir)
   raw = _read_config(hf_dir)
   cfg = hf_config.from_hf(raw)
   family = raw["model_type"]
@@ -156,61 +182,129 @@ def load_hf(hf_dir: str | pathlib.Path, *, scan_layers: bool = True) -> tuple[Mo
   ckpt = Checkpoint(hf_dir, family)
   tied = cfg.decoder.tie_embeddings
   flat = ckpt.read(hf_names.model_entries(cfg), allow_unused=lambda k: tied and k == "lm_head.weight")
-  tok = _tokenizer(hf_dir, SPECIAL_TOKENS if family == "idefics3" else CHAT_TOKENS)
+  tok = _tokenizer(hf_dir, hf_needed_tokens(hf_dir))
   if tok.image_id != cfg.image_token_id:
     raise hf_config.ConversionError(f"{hf_dir}: the tokenizer's {IMAGE_TOKEN} id is {tok.image_id} but the config's "
                                     f"image token id is {cfg.image_token_id}.")
-  if tok.vocab_size > cfg.decoder.vocab_size:
-    flat = grow_vocab(flat, cfg.decoder, tok.vocab_size)
-    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=tok.vocab_size))
-  return dataclasses.replace(cfg, scan_layers=scan_layers), hf_names.unflatten(flat, scan_layers), tok
+  flat, decoder = _with_tokenizer(flat, cfg.decoder, tok)
+  cfg = dataclasses.replace(cfg, decoder=decoder, scan_layers=scan_layers)
+  return cfg, hf_names.unflatten(flat, scan_layers), tok
 
 
-def load_vision(hf_dir: str | pathlib.Path, *, feature_layer: int = -1, select_strategy: str = "full",
-                post_layernorm: bool = False, scan_layers: bool = True) -> tuple[VisionConfig, dict]:
-  """A SigLIP / CLIP vision model directory (or a dual-tower SiglipModel / CLIPModel, whose text half is skipped)
-  -> (VisionConfig, params of the `vision` subtree). The keyword arguments are the VLM's choices of how to
-  read the tower (LLaVA's vision_feature_layer etc.)."""
-  hf_dir = pathlib.Path(hf_dir)
+# ---------------------------------------------------------------------------------------------------
+# Backbones: one vision tower, one causal LM
+
+VISION_MODELS = {"siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipModel (its vision tower)",
+                 "clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel (its vision tower)"}
+DECODER_MODELS = {"llama": "LlamaForCausalLM (Llama, SmolLM2)"}
+_WHY_NOT = {"qwen2": "Qwen2 has q/k/v biases, which vlm_jax's decoder does not have",
+            "mistral": "Mistral's sliding-window attention is not vlm_jax's full causal attention"}
+
+
+def _backbone_config(hf_dir: epath.Path, supported: dict[str, str], other: dict[str, str], flag: str) -> Any:
+  """config.json as transformers' config class of its model_type, with that class's defaults for what the file
+  leaves out (hub checkpoints often store only non-default fields of sub-configs). A model_type outside
+  `supported` raises InputError naming the file, what it is and what was expected."""
+  import transformers
   raw = _read_config(hf_dir)
-  dual = raw.get("model_type") in ("siglip", "clip")
-  vision = hf_config.vision_from_hf(raw["vision_config"] if dual else raw, feature_layer=feature_layer,
+  model_type = raw.get("model_type")
+  if model_type not in supported:
+    what = f"model_type {model_type!r} (architectures {raw.get('architectures')})"
+    hint = (f"; it is a {other[model_type]} checkpoint: is it the other tower?" if model_type in other else
+            f" ({_WHY_NOT[model_type]})" if model_type in _WHY_NOT else "")
+    raise InputError(f"{hf_dir / 'config.json'}: {what} is not a supported {flag} checkpoint{hint}. Expected one of: "
+                     f"{', '.join(sorted(set(supported.values())))}.")
+  kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+  return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def vision_config(hf_dir: str | os.PathLike, *, feature_layer: int = -1, select_strategy: str = "full",
+                  post_layernorm: bool = False) -> VisionConfig:
+  """The VisionConfig of a SigLIP / CLIP vision model directory (or of a dual-tower SiglipModel / CLIPModel's vision
+  half), image mean/std from its image processor. The keyword arguments are the VLM's choices of how to read the
+  tower (LLaVA's vision_feature_layer etc.)."""
+  hf_dir = epath.Path(hf_dir)
+  hf = _backbone_config(hf_dir, VISION_MODELS, DECODER_MODELS, "vision tower")
+  vision = hf_config.vision_from_hf(getattr(hf, "vision_config", hf), feature_layer=feature_layer,
                                     select_strategy=select_strategy, post_layernorm=post_layernorm)
   processor = _image_processor_config(hf_dir)
   if "image_mean" in processor:
     vision = dataclasses.replace(vision, image_mean=tuple(processor["image_mean"]),
                                  image_std=tuple(processor["image_std"]))
+  return vision
+
+
+def load_vision(hf_dir: str | os.PathLike, *, feature_layer: int = -1, select_strategy: str = "full",
+                post_layernorm: bool = False, scan_layers: bool = True) -> tuple[VisionConfig, dict]:
+  """A SigLIP / CLIP vision model directory (or a dual-tower SiglipModel / CLIPModel, whose text half is skipped)
+  -> (VisionConfig (`vision_config`), params of the `vision` subtree)."""
+  hf_dir = epath.Path(hf_dir)
+  vision = vision_config(hf_dir, feature_layer=feature_layer, select_strategy=select_strategy,
+                         post_layernorm=post_layernorm)
+  dual = _read_config(hf_dir).get("model_type") in ("siglip", "clip")
   keep = (lambda k: k.startswith("vision_model.")) if dual else (lambda k: True)
   flat = Checkpoint(hf_dir, "vision", keep).read(hf_names.vision_entries(vision, ""))
   return vision, hf_names.unflatten(flat, scan_layers)["vision"]
 
 
-def load_llama(hf_dir: str | pathlib.Path, *, scan_layers: bool = True,
+def llama_config(hf_dir: str | os.PathLike) -> DecoderConfig:
+  """The DecoderConfig of a LlamaForCausalLM directory (vocab_size: the checkpoint's embedding rows)."""
+  hf_dir = epath.Path(hf_dir)
+  hf = _backbone_config(hf_dir, DECODER_MODELS, VISION_MODELS, "decoder")
+  try:
+    return hf_config.decoder_from_hf(hf)
+  except hf_config.ConversionError as e:
+    raise InputError(f"{hf_dir / 'config.json'}: {e}") from None
+
+
+def load_llama(hf_dir: str | os.PathLike, *, scan_layers: bool = True,
                add_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)) -> tuple[DecoderConfig, dict, Tokenizer]:
-  """A LlamaForCausalLM directory -> (DecoderConfig, params of the `decoder` subtree, Tokenizer with `add_tokens`
-  appended; the vocabulary grows to fit them)."""
-  hf_dir = pathlib.Path(hf_dir)
-  decoder = hf_config.decoder_from_hf(_read_config(hf_dir))
+  """A LlamaForCausalLM directory -> (DecoderConfig, params of the `decoder` subtree, Tokenizer with the tokens of
+  `add_tokens` it lacks appended; the vocabulary grows to fit them, new rows the mean of the existing ones)."""
+  hf_dir = epath.Path(hf_dir)
+  decoder = llama_config(hf_dir)
   tied = decoder.tie_embeddings
   flat = Checkpoint(hf_dir, "llama").read(hf_names.decoder_entries(decoder, "model.", "lm_head.weight"),
                                           allow_unused=lambda k: tied and k == "lm_head.weight")
   tok = _tokenizer(hf_dir, list(add_tokens))
-  if tok.vocab_size > decoder.vocab_size:
-    flat = grow_vocab(flat, decoder, tok.vocab_size)
-    decoder = dataclasses.replace(decoder, vocab_size=tok.vocab_size)
+  flat, decoder = _with_tokenizer(flat, decoder, tok)
   return decoder, hf_names.unflatten(flat, scan_layers)["decoder"], tok
 
 
-def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_layers: bool = True) -> Config:
-  """Writes workdir W from a LLaVA / Idefics3 directory (see the module docstring); returns the Config saved in
-  W/config.json. Train from it with `train.stages.<first>.init_from=W`."""
+# ---------------------------------------------------------------------------------------------------
+# Workdirs
+
+
+def write_workdir(workdir: str | os.PathLike, config: Config, params: Any, tok: Tokenizer, stage: StageConfig,
+                  chat_template: str | None = None) -> None:
+  """W/config.json, W/tokenizer/ (+ the chat template when it is not vlm_jax's ChatML) and `params` as the
+  finished stage `stage` (Orbax, vlm_jax/checkpoint.py layout)."""
   from vlm_jax import checkpoint
-  hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir).expanduser().resolve()
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
+  tok.save(workdir / "tokenizer")
+  hf_tokens.save_template(chat_template, workdir / "tokenizer")
+  with checkpoint.manager(str(workdir), stage) as mngr:
+    checkpoint.save(mngr, stage.steps, {"params": params}, force=True)
+    mngr.wait_until_finished()
+  checkpoint.mark_finished(str(workdir), stage.name, stage.steps)
+
+
+def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, scan_layers: bool = True,
+              log: Callable[[str], None] = print) -> Config:
+  """Writes workdir W from a LLaVA / Idefics3 directory (see the module docstring); returns the Config saved in
+  W/config.json. Train from it with `train.stages.<first>.init_from=W`. Logs each special token it had to add."""
+  from vlm_jax import checkpoint
+  hf_dir, workdir = epath.Path(hf_dir), checkpoint.absolute(workdir)
+  added = hf_tokens.missing_tokens(Tokenizer.load(hf_dir / "tokenizer.json"), hf_needed_tokens(hf_dir))
   model, params, tok = load_hf(hf_dir, scan_layers=scan_layers)
+  if added:
+    log(hf_tokens.added_message(added, tok))
   processor = _image_processor_config(hf_dir)
   size = processor.get("size", {})
   resample_names = {code: name for name, code in hf_config.PIL_RESAMPLE.items()}
-  tokenizer_dir = workdir / "tokenizer"
+  tokenizer_dir = epath.Path(workdir) / "tokenizer"
   data = DataConfig(
       tokenizer=TokenizerConfig(kind="hf", path=str(tokenizer_dir), vocab_size=tok.vocab_size),
       seq_len=min(DataConfig.seq_len, model.decoder.max_seq_len),  # rows fit the model's positions
@@ -223,11 +317,18 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, scan_l
   stage = StageConfig(name=IMPORT_STAGE, steps=0, checkpoint_every=1, max_to_keep=1)
   config = validate(Config(name=f"import_{hf_dir.name}", model=model, data=data,
                            train=TrainConfig(stages=(stage,))))
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
-  tok.save(tokenizer_dir)
-  with checkpoint.manager(workdir, stage) as mngr:
-    checkpoint.save(mngr, 0, {"params": params}, force=True)
-    mngr.wait_until_finished()
-  checkpoint.mark_finished(workdir, IMPORT_STAGE, 0)
+  write_workdir(workdir, config, params, tok, stage, hf_tokens.chat_template(hf_dir))
   return config
+
+
+def local_copy(path: epath.Path) -> str:
+  """A local file path holding `path`'s bytes: `path` itself when it is local, else a temporary copy (gs://),
+  removed when the process exits."""
+  if "://" not in str(path):
+    return os.fspath(path)
+  directory = tempfile.mkdtemp(prefix="vlm_jax_hf_")
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  local = os.path.join(directory, path.name)
+  with path.open("rb") as src, open(local, "wb") as dst:
+    shutil.copyfileobj(src, dst, 64 << 20)
+  return local
