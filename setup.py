@@ -26,6 +26,7 @@ setuptools.setup(
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "etils[epath]>=1.7",
+        "pyarrow>=17,<27",  # hf_parquet reads Hub parquet shards row group by row group
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

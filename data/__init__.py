@@ -11,10 +11,11 @@ import os
 import tensorflow_datasets as tfds
 
 from vlm_jax.config import InputError
+from vlm_jax.datasets.hf_parquet import HfParquet
 from vlm_jax.datasets.llava_json import LlavaJson
 from vlm_jax.datasets.shapes_vqa import ShapesVqa
 
-BUILDERS = {"shapes_vqa": ShapesVqa, "llava_json": LlavaJson}
+BUILDERS = {"shapes_vqa": ShapesVqa, "llava_json": LlavaJson, "hf_parquet": HfParquet}
 
 
 def _expand(data_dir: str) -> str:
@@ -23,7 +24,8 @@ def _expand(data_dir: str) -> str:
 
 def get_builder(name: str, data_dir: str, **options) -> tfds.core.DatasetBuilder:
   """The builder of dataset `name` ('builder' or 'builder/config') under `data_dir`, with builder options
-  (shapes_vqa: num_train, num_validation, num_test, seed, vocab_size; llava_json: json_path, image_dir, ...)."""
+  (shapes_vqa: num_train, num_validation, num_test, seed, vocab_size; llava_json: json_path, image_dir, ...;
+  hf_parquet: parquet, format, column names, ...)."""
   builder_name, _, config = name.partition("/")
   if builder_name not in BUILDERS:
     raise InputError(f"Unknown dataset {builder_name!r}; known: {', '.join(BUILDERS)}.")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from vlm_jax import config as config_lib
-from vlm_jax import host_memory
+from vlm_jax import host_memory, metrics
 
 
 TRACEBACK_ENV = "VLM_JAX_TRACEBACK"
@@ -35,9 +35,8 @@ def cmd_config_show(args) -> int:
 def cmd_train(args) -> int:
   from vlm_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
-  from vlm_jax import init  # pylint: disable=import-outside-toplevel
   from vlm_jax.train import run  # pylint: disable=import-outside-toplevel
-  finished = run.run(init.train_config(args.config, args.set, args.workdir), args.workdir, stage=args.stage)
+  finished = run.run(_load(args), args.workdir, stage=args.stage)
   distributed.shutdown()
   return 0 if finished else distributed.PREEMPTED_EXIT_CODE
 
@@ -49,6 +48,10 @@ def cmd_data_prepare(args) -> int:
     options["json_path"] = args.json
   if args.image_dir:
     options["image_dir"] = args.image_dir
+  if args.parquet:
+    options["parquet"] = args.parquet
+  if args.format:
+    options["format"] = args.format
   report = datasets.prepare(args.name, args.data_dir, **options)
   print(report)
   return 0
@@ -74,7 +77,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
   from vlm_jax import evaluate  # pylint: disable=import-outside-toplevel
   results = evaluate.evaluate(args.workdir, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                              data_dir=args.data_dir, stage=args.stage)
+                              data_dir=args.data_dir, stage=args.stage, dataset=args.dataset, metric=args.metric,
+                              answer_tokens=args.max_new_tokens)
   print(evaluate.format_table(results))
   print(f"results: {evaluate.results_path(args.workdir)}")
   print(f"answers: {evaluate.predictions_path(args.workdir)}")
@@ -93,15 +97,6 @@ def cmd_import_hf(args) -> int:
   cfg = load.import_hf(args.hf_dir, args.workdir)
   print(f"imported {args.hf_dir} into {args.workdir} (stage 'import'; vision {cfg.model.vision.kind}, "
         f"projector {cfg.model.projector.kind}, decoder {cfg.model.decoder.num_layers} layers)")
-  return 0
-
-
-def cmd_init(args) -> int:
-  from vlm_jax import init  # pylint: disable=import-outside-toplevel
-  cfg = init.init(args.config, args.workdir, args.vision, args.decoder, args.set)
-  print(f"initialised {args.workdir} (stage '{init.INIT_STAGE}'; vision {cfg.model.vision.kind} from {args.vision}, "
-        f"fresh {cfg.model.projector.kind} projector, decoder from {args.decoder}); train it with "
-        f"`vlm-jax train --config {args.config} --workdir {args.workdir}`")
   return 0
 
 
@@ -166,13 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
   p.set_defaults(fn=cmd_generate)
 
-  p = sub.add_parser("eval", help="accuracy per question type, blind baseline and caption F1 of a workdir")
+  p = sub.add_parser("eval", help="scores per question type and source (VQAv2 accuracy, ANLS, relaxed accuracy or "
+                     "exact match), blind baseline and caption F1 of a workdir")
   p.add_argument("--workdir", required=True)
   p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
   p.add_argument("--split", default="test", help="(default: %(default)s)")
   p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
   p.add_argument("--batch-size", type=int, default=16, help="requests per generate call (default: %(default)s)")
   p.add_argument("--data-dir", default=None, help="TFDS data dir (default: the config's data.data_dir)")
+  p.add_argument("--dataset", default=None, help="prepared dataset to score, e.g. hf_parquet/vqav2 (default: the "
+                 "first dataset of the config's last conversation stage)")
+  p.add_argument("--metric", default="auto", choices=("auto",) + metrics.METRICS,
+                 help=f"how answers are scored against the references; auto: {metrics.AUTO_HELP}")
+  p.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit (default: %(default)s)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("export", help="write a workdir's model as a transformers directory (LLaVA or Idefics3)")
@@ -190,15 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--hf-dir", required=True, help="local directory with config.json, *.safetensors, tokenizer")
   p.add_argument("--workdir", required=True)
   p.set_defaults(fn=cmd_import_hf)
-
-  p = sub.add_parser("init", help="compose a VLM workdir from a HF vision tower and a HF causal LM (new projector)")
-  _add_config_args(p)
-  p.add_argument("--workdir", required=True, help="output dir (local or gs://); train it with the same --config")
-  p.add_argument("--vision", required=True, help="SiglipVisionModel / SiglipModel / CLIPVisionModel / CLIPModel "
-                 "directory (local or gs://: config.json, *.safetensors, preprocessor_config.json)")
-  p.add_argument("--decoder", required=True, help="LlamaForCausalLM directory (local or gs://: config.json, "
-                 "*.safetensors, tokenizer.json)")
-  p.set_defaults(fn=cmd_init)
 
   p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
   p.add_argument("--config", default="shapes_tiny", help="config name in configs/ or a .py path (default: %(default)s)")
@@ -244,13 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("data", help="dataset tools: prepare, show")
   dsub = p.add_subparsers(dest="data_command", required=True)
-  q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json) into --data-dir")
-  q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), or llava_json (with --json)")
+  q = dsub.add_parser("prepare", help="prepare a TFDS builder (shapes_vqa, llava_json, hf_parquet) into --data-dir")
+  q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), llava_json (with --json) or "
+                 "hf_parquet[/NAME] (with --parquet)")
   q.add_argument("--data-dir", required=True, help="TFDS data dir (local or gs://)")
   q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                  help="builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
   q.add_argument("--json", default=None, help="llava_json: the LLaVA-format JSON file")
   q.add_argument("--image-dir", default=None, help="llava_json: folder the JSON's image paths are relative to")
+  q.add_argument("--parquet", default=None, metavar="GLOB",
+                 help="hf_parquet: the Hub download's shards, e.g. 'DIR/data/*.parquet' (quoted; local or gs://); "
+                 "one split per file prefix (train-00000-of-00002.parquet -> train)")
+  q.add_argument("--format", default=None, choices=("trl", "cauldron", "vqa"),
+                 help="hf_parquet: trl (messages + images), cauldron (images + texts), vqa (a table: --set "
+                 "image=COL question=COL answer=COL or answers=COL, source=NAME; default: from the columns)")
   q.set_defaults(fn=cmd_data_prepare)
   q = dsub.add_parser("show", help="print what the model sees for a few batch rows")
   _add_config_args(q)

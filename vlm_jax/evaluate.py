@@ -1,8 +1,14 @@
-"""Evaluation: exact match per question type, a blind baseline (grey images), caption token F1.
+"""Evaluation: scores per question type and per source, a blind baseline (grey images), caption token F1.
 
 `evaluate(...)` asks a generator for answers to every question of a split, once with the real images and
 once blind, and writes `W/eval/results.json`, every answer to `W/eval/predictions.jsonl` and a PNG grid of
-samples. Scoring functions are pure.
+samples. Scoring functions are pure (the metrics themselves live in vlm_jax/metrics.py).
+
+Each question is scored against its references: the record's stored reference answers for that turn (all 10
+of a VQAv2 question), else the assistant turn's text. The metric is `metric` (vqav2, anls, relaxed, exact) or,
+by default, chosen per question by `metrics.choose_metric` (its source's name, else vqav2 with 10 references,
+else exact match). Datasets that carry sources or references (hf_parquet) also get scores per source, and
+their predictions carry what lmms-eval logs: question_id, references, source, metric and score.
 
 How questions are asked: each assistant turn of a record is one question, asked on its own as a single user
 turn (`<image>\n` per record image, then the question text; greedy decoding), not after the record's earlier
@@ -18,64 +24,51 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import re
-import string
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
 from etils import epath
 
+from vlm_jax import metrics
 from vlm_jax.config import Config
 from vlm_jax.inputs.examples import caption_prompt
 from vlm_jax.inputs.images import grey_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN
+from vlm_jax.metrics import exact_match, normalize_answer, token_f1  # noqa: F401  (evaluate's API too)
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text: str) -> str:
-  """Lower-case, strip punctuation and articles, fold whitespace (VQA-style normalization)."""
-  words = _PUNCT.sub(" ", text.lower()).split()
-  return " ".join(w for w in words if w not in _ARTICLES)
+UNNAMED_SOURCE = "unnamed"
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-  return normalize_answer(prediction) == normalize_answer(reference)
-
-
-def token_f1(prediction: str, reference: str) -> float:
-  """SQuAD-style token F1 between normalized strings (1.0 when both are empty)."""
-  pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-  if not pred or not ref:
-    return float(pred == ref)
-  common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-  if common == 0:
-    return 0.0
-  precision, recall = common / len(pred), common / len(ref)
-  return 2 * precision * recall / (precision + recall)
-
-
-def accuracy_by_type(types: Sequence[str], correct: Sequence[bool]) -> dict[str, float]:
-  """{'overall': mean, type: mean per type}; types sorted for stable output."""
-  if len(types) != len(correct):
-    raise ValueError(f"{len(types)} question types but {len(correct)} scores.")
-  per: dict[str, list[bool]] = collections.defaultdict(list)
-  for t, c in zip(types, correct):
-    per[t or "untyped"].append(bool(c))
+def accuracy_by_type(types: Sequence[str], scores: Sequence[float], empty: str = "untyped") -> dict[str, float]:
+  """{'overall': mean, type: mean per type} of per-question scores in [0, 1] (or bools); types sorted for
+  stable output, "" counted as `empty`."""
+  if len(types) != len(scores):
+    raise ValueError(f"{len(types)} question types but {len(scores)} scores.")
+  per: dict[str, list[float]] = collections.defaultdict(list)
+  for t, c in zip(types, scores):
+    per[t or empty].append(float(c))
   out = {t: float(np.mean(per[t])) for t in sorted(per)}
-  out["overall"] = float(np.mean(correct)) if len(correct) else 0.0
+  out["overall"] = float(np.mean(np.asarray(scores, np.float64))) if len(scores) else 0.0
   return out
 
 
-def format_table(results: dict) -> str:
-  """The accuracy table printed by `vlm-jax eval` and the demo."""
-  acc, blind = results["accuracy"], results.get("blind_accuracy", {})
-  rows = [f"{'type':<12} {'images':>7} {'blind':>7} {'gain':>7}"]
-  for t in [k for k in acc if k != "overall"] + ["overall"]:
+def _rows(label: str, scores: dict, blind: dict, extra: dict | None = None) -> list[str]:
+  width = max([12, len(label)] + [len(k) for k in scores])
+  head = f"{label:<{width}} " + (f"{'metric':<14} " if extra is not None else "")
+  rows = [head + f"{'images':>7} {'blind':>7} {'gain':>7}"]
+  for t in [k for k in scores if k != "overall"] + ["overall"]:
     b = blind.get(t, float("nan"))
-    rows.append(f"{t:<12} {acc[t]:7.3f} {b:7.3f} {acc[t] - b:+7.3f}")
+    metric = f"{(extra or {}).get(t, ''):<14} " if extra is not None else ""
+    rows.append(f"{t:<{width}} {metric}{scores[t]:7.3f} {b:7.3f} {scores[t] - b:+7.3f}")
+  return rows
+
+
+def format_table(results: dict) -> str:
+  """The score table printed by `vlm-jax eval` and the demo: per type, then per source when there are sources."""
+  rows = _rows("type", results["accuracy"], results.get("blind_accuracy", {}))
+  if "by_source" in results:
+    rows += _rows("source", results["by_source"], results.get("blind_by_source", {}), results.get("metrics", {}))
   if "caption_f1" in results:
     rows.append(f"{'caption F1':<12} {results['caption_f1']:7.3f}")
   rows.append(f"n = {results['n']} questions")
@@ -131,17 +124,27 @@ GRID_SAMPLES = 8
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-  """One typed question of a record, as a request: images uint8 [h, w, 3] each, prompt one user turn."""
+  """One typed question of a record, as a request: images uint8 [h, w, 3] each, prompt one user turn.
+  `stored_references`: the record's reference answers for this turn (often none); `question_id`: the record id,
+  with `_k` for its k-th assistant turn when it has several."""
   images: list[np.ndarray]
   prompt: str
   answer: str
   type: str
   record_id: str
+  source: str = ""
+  stored_references: tuple[str, ...] = ()
+  question_id: str = ""
 
   @property
   def text(self) -> str:
     """The question without its image marks."""
     return self.prompt.replace(IMAGE_TOKEN, "").strip()
+
+  @property
+  def references(self) -> list[str]:
+    """What an answer is scored against: the stored references, else the assistant turn's text."""
+    return list(self.stored_references) or [self.answer]
 
 
 def questions(records: Iterable[dict]) -> list[Question]:
@@ -150,16 +153,30 @@ def questions(records: Iterable[dict]) -> list[Question]:
   out = []
   for record in records:
     turns, types = record["turns"], iter(record["question_types"])
+    references = record.get("references") or []
+    num_answers = sum(t["role"] == "assistant" for t in turns)
+    k = -1
     for i, turn in enumerate(turns):
       if turn["role"] != "assistant":
         continue
-      qtype = next(types, "")
+      qtype, k = next(types, ""), k + 1
       if i == 0 or turns[i - 1]["role"] != "user":
         continue
       text = turns[i - 1]["content"].replace(IMAGE_TOKEN, "").strip()
       prompt = f"{IMAGE_TOKEN}\n" * len(record["images"]) + text
-      out.append(Question(list(record["images"]), prompt, turn["content"], qtype, record["id"]))
+      out.append(Question(list(record["images"]), prompt, turn["content"], qtype, record["id"],
+                          record.get("source", ""), tuple(references[k]) if k < len(references) else (),
+                          record["id"] if num_answers == 1 else f"{record['id']}_{k}"))
   return out
+
+
+def question_metric(question: Question, metric: str = "auto") -> str:
+  """The metric `question` is scored with: `metric`, or for "auto" `metrics.choose_metric`'s choice."""
+  if metric == "auto":
+    return metrics.choose_metric(question.source, len(question.stored_references))
+  if metric not in metrics.METRICS:
+    raise ValueError(f"Unknown metric {metric!r}; expected auto or one of {metrics.METRICS}.")
+  return metric
 
 
 def blind(images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -177,34 +194,52 @@ def _answers(generator: Any, requests: list[tuple[list[np.ndarray], str]], max_n
   return out
 
 
-def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16,
-          progress: bool = True) -> tuple[dict, list[dict]]:
+def score(generator: Any, records: Sequence[dict], *, batch_size: int = 16, progress: bool = True,
+          metric: str = "auto", answer_tokens: int = ANSWER_TOKENS) -> tuple[dict, list[dict]]:
   """Asks `generator` (anything with `generate(requests, max_new_tokens=...) -> [Result]`, greedy) every
-  question with images and blind, and a caption per record with images and a caption.
+  question with images and blind (up to `answer_tokens` tokens), and a caption per record with images and a
+  caption; scores each answer by `question_metric(q, metric)` against `q.references`.
 
   Returns (results, predictions): results {"accuracy": {type: x, "overall": x}, "blind_accuracy": {...},
-  "caption_f1": x, "n": questions}; predictions one dict per question, in `questions(records)` order ("id",
-  "type", "question", "reference", "answer", "blind_answer"), then one per caption ("id", "type": "caption",
+  "caption_f1": x, "n": questions}, plus, when the records carry sources or references or `metric` is not
+  "auto", "by_source" and "blind_by_source" ({source: x, "overall": x}) and "metrics" ({source: the metrics
+  used}). predictions: one dict per question, in `questions(records)` order ("id", "type", "question",
+  "reference", "answer", "blind_answer"; with sources or references also "question_id", "source",
+  "references", "metric", "score", "blind_score"), then one per caption ("id", "type": "caption",
   "reference", "answer").
   """
   qs = questions(records)
   captioned = [r for r in records if r["images"] and r["caption"]]
   with tqdm.tqdm(total=2 * len(qs) + len(captioned), desc="eval", unit="q", disable=not progress) as bar:
-    answers = _answers(generator, [(q.images, q.prompt) for q in qs], ANSWER_TOKENS, batch_size, bar)
-    blind_answers = _answers(generator, [(blind(q.images), q.prompt) for q in qs], ANSWER_TOKENS, batch_size,
+    answers = _answers(generator, [(q.images, q.prompt) for q in qs], answer_tokens, batch_size, bar)
+    blind_answers = _answers(generator, [(blind(q.images), q.prompt) for q in qs], answer_tokens, batch_size,
                              bar)
     captions = _answers(generator, [(r["images"], caption_prompt(len(r["images"]))) for r in captioned],
                         CAPTION_TOKENS, batch_size, bar)
+  chosen = [question_metric(q, metric) for q in qs]
+  scores = [metrics.metric_score(m, a, q.references) for m, a, q in zip(chosen, answers, qs)]
+  blind_scores = [metrics.metric_score(m, a, q.references) for m, a, q in zip(chosen, blind_answers, qs)]
   types = [q.type for q in qs]
   results = {
-      "accuracy": accuracy_by_type(types, [exact_match(a, q.answer) for a, q in zip(answers, qs)]),
-      "blind_accuracy": accuracy_by_type(types, [exact_match(a, q.answer) for a, q in zip(blind_answers, qs)]),
+      "accuracy": accuracy_by_type(types, scores),
+      "blind_accuracy": accuracy_by_type(types, blind_scores),
       "caption_f1": float(np.mean([token_f1(c, r["caption"]) for c, r in zip(captions, captioned)]))
                     if captioned else 0.0,
       "n": len(qs),
   }
   predictions = [{"id": q.record_id, "type": q.type, "question": q.text, "reference": q.answer, "answer": a,
                   "blind_answer": b} for q, a, b in zip(qs, answers, blind_answers)]
+  if metric != "auto" or any(q.source or q.stored_references for q in qs):
+    sources = [q.source for q in qs]
+    results["by_source"] = accuracy_by_type(sources, scores, UNNAMED_SOURCE)
+    results["blind_by_source"] = accuracy_by_type(sources, blind_scores, UNNAMED_SOURCE)
+    used = collections.defaultdict(set)
+    for q, m in zip(qs, chosen):
+      used[q.source or UNNAMED_SOURCE].add(m)
+    results["metrics"] = {k: ", ".join(sorted(v)) for k, v in sorted(used.items())}
+    for p, q, m, x, y in zip(predictions, qs, chosen, scores, blind_scores):
+      p.update(question_id=q.question_id, source=q.source, references=q.references, metric=m, score=x,
+               blind_score=y)
   predictions += [{"id": r["id"], "type": "caption", "reference": r["caption"], "answer": c}
                   for r, c in zip(captioned, captions)]
   return results, predictions
@@ -245,26 +280,31 @@ def eval_records(config: Config, split: str = "test", limit: int | None = None, 
 
 def as_metrics(results: dict) -> dict[str, float]:
   """`score` results as flat scalars for the training metrics log: eval/accuracy/<type>,
-  eval/blind_accuracy/<type> (both with 'overall'), eval/caption_f1, eval/questions."""
-  out = {f"eval/{kind}/{t}": x for kind in ("accuracy", "blind_accuracy") for t, x in results[kind].items()}
+  eval/blind_accuracy/<type> (both with 'overall'), eval/by_source/<source> and eval/blind_by_source/<source>
+  when present, eval/caption_f1, eval/questions."""
+  kinds = ("accuracy", "blind_accuracy", "by_source", "blind_by_source")
+  out = {f"eval/{kind}/{t}": x for kind in kinds if kind in results for t, x in results[kind].items()}
   return {**out, "eval/caption_f1": results["caption_f1"], "eval/questions": float(results["n"])}
 
 
 def evaluate(workdir: str | epath.PathLike, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
              data_dir: str | None = None, stage: str | None = None, dataset: str | None = None,
-             generator: Any = None, progress: bool = True) -> dict:
+             generator: Any = None, progress: bool = True, metric: str = "auto",
+             answer_tokens: int = ANSWER_TOKENS) -> dict:
   """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
   `dataset` (default the first dataset of its last conversation stage), the first `limit` records only if
-  given. Writes W/eval/results.json, W/eval/predictions.jsonl (one line per answer, see `score`) and
+  given, by `metric` (see `score`). Writes W/eval/results.json, W/eval/predictions.jsonl (one line per answer, see `score`) and
   W/eval/samples.png; returns the results (see `score`)."""
   # pylint: disable=import-outside-toplevel  (model and checkpoint imports only when evaluating)
   from vlm_jax import workdir as workdir_lib
   from vlm_jax.generate import Generator
+  question_metric(Question([], "", "", "", ""), metric)  # an unknown metric fails before the model loads
   config = workdir_lib.read_config(workdir)
   if generator is None:
     generator = Generator(*workdir_lib.load(workdir, stage))
   records = eval_records(config, split, limit, data_dir, dataset)
-  results, predictions = score(generator, records, batch_size=batch_size, progress=progress)
+  results, predictions = score(generator, records, batch_size=batch_size, progress=progress, metric=metric,
+                               answer_tokens=answer_tokens)
   write_results(workdir, results)
   predictions_path(workdir).write_text("".join(json.dumps(p) + "\n" for p in predictions))
   samples = grid_samples(records, predictions)

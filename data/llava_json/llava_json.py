@@ -71,21 +71,12 @@ class LlavaJson(RecordBuilder):
     image_dir = epath.Path(cfg.image_dir)
     counts = records.Counts()
     for index, record in enumerate(raw):
-      try:
-        example, repairs = records.convert_record(record, index, image_dir, cfg.max_pixels)
-      except records.Skip as skip:
-        counts.skipped[skip.reason] += 1
-        continue
-      counts.kept += 1
-      counts.repaired.update(repairs)
-      yield index, example
-    if not counts.kept:
-      raise InputError(f"{cfg.json_path}: no usable record out of {len(raw)} (skipped: "
-                       f"{dict(counts.skipped)}); check the JSON format and the image dir {cfg.image_dir}.")
+      example = counts.take(records.convert_record, record, index, image_dir, cfg.max_pixels)
+      if example is not None:
+        yield index, example
+    summary = counts.finish(f"llava_json/{cfg.name}", cfg.json_path, len(raw),
+                            f"check the JSON format and the image dir {cfg.image_dir}")
     # Runs inside download_and_prepare: data_path is the dir that becomes the dataset, and the metadata
     # is written after the split.
-    summary = counts.as_dict()
     self.info.metadata["record_counts"] = summary
     (epath.Path(self.data_path) / COUNTS_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"llava_json/{cfg.name}: kept {counts.kept} of {len(raw)} records; skipped "
-          f"{summary['skipped']}; repaired {summary['repaired']}")

@@ -116,8 +116,13 @@ def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
     data = path.read_bytes()
   except (FileNotFoundError, IsADirectoryError):
     raise Skip("image_missing", str(path)) from None
+  return decode_image(data, str(path), max_pixels, repairs)
+
+
+def decode_image(data: bytes, where: str, max_pixels: int, repairs: list[str]) -> bytes:
+  """`load_image` on bytes already read (`where` names them in Skip details)."""
   if not data:
-    raise Skip("image_empty", str(path))
+    raise Skip("image_empty", where)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
@@ -125,7 +130,7 @@ def load_image(path: epath.Path, max_pixels: int, repairs: list[str]) -> bytes:
       image.load()  # truncated files fail here, not at open
   except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError,
           PIL.Image.DecompressionBombWarning) as e:
-    raise Skip("image_unreadable", f"{path}: {e}") from None
+    raise Skip("image_unreadable", f"{where}: {e}") from None
   original_format, changed = image.format, False
   # A photo stored sideways: decoders ignore the tag, transformers' load_image applies it (exif_transpose).
   if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
@@ -181,6 +186,27 @@ class Counts:
     self.skipped: collections.Counter = collections.Counter()
     self.repaired: collections.Counter = collections.Counter()
 
+  def take(self, convert, *args) -> dict | None:
+    """convert(*args) -> (example, repairs), tallied: the example, or None when it raised Skip."""
+    try:
+      example, repairs = convert(*args)
+    except Skip as skip:
+      self.skipped[skip.reason] += 1
+      return None
+    self.kept += 1
+    self.repaired.update(repairs)
+    return example
+
   def as_dict(self) -> dict:
     return {"kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
             "repaired": dict(sorted(self.repaired.items()))}
+
+  def finish(self, name: str, where: str, total: int, hint: str) -> dict:
+    """The tallies (`as_dict`) after all `total` records, printed under `name`; InputError naming `where`
+    and `hint` when none was kept."""
+    if not self.kept:
+      raise InputError(f"{where}: no usable record out of {total} (skipped: {dict(self.skipped)}); {hint}.")
+    summary = self.as_dict()
+    print(f"{name}: kept {self.kept} of {total} records; skipped {summary['skipped']}; "
+          f"repaired {summary['repaired']}")
+    return summary

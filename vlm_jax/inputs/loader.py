@@ -36,17 +36,32 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _references(raw: dict, num_answers: int) -> list[list[str]]:
+  """Stored (turn, text) pairs -> one list of reference answers per assistant turn; [] when none are stored."""
+  pairs = raw.get("references")
+  if pairs is None or not len(pairs["text"]):
+    return []
+  out: list[list[str]] = [[] for _ in range(num_answers)]
+  for turn, text in zip(pairs["turn"], pairs["text"]):
+    out[int(turn)].append(_text(text))
+  return out
+
+
 def normalize_record(raw: dict) -> dict:
   """What a TFDS data source returns -> the record of DESIGN.md: str fields, turns as a list of
-  {"role", "content"}, images as a list of uint8 [h, w, 3] arrays."""
+  {"role", "content"}, images as a list of uint8 [h, w, 3] arrays; `source` "" and `references` [] for
+  datasets that store none."""
   turns = raw["turns"]
+  roles = [_text(r) for r in turns["role"]]
   return {
       "id": _text(raw["id"]),
       "images": [np.asarray(im, np.uint8) for im in raw["images"]],
       "caption": _text(raw["caption"]),
-      "turns": [{"role": _text(r), "content": _text(c)} for r, c in zip(turns["role"], turns["content"])],
+      "turns": [{"role": r, "content": _text(c)} for r, c in zip(roles, turns["content"])],
       "question_types": [_text(q) for q in raw["question_types"]],
       "negative_captions": [_text(c) for c in raw.get("negative_captions", [])],
+      "source": _text(raw.get("source", "")),
+      "references": _references(raw, roles.count("assistant")),
   }
 
 
