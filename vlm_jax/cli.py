@@ -35,8 +35,9 @@ def cmd_config_show(args) -> int:
 def cmd_train(args) -> int:
   from vlm_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
+  from vlm_jax import init  # pylint: disable=import-outside-toplevel
   from vlm_jax.train import run  # pylint: disable=import-outside-toplevel
-  finished = run.run(_load(args), args.workdir, stage=args.stage)
+  finished = run.run(init.train_config(args.config, args.set, args.workdir), args.workdir, stage=args.stage)
   distributed.shutdown()
   return 0 if finished else distributed.PREEMPTED_EXIT_CODE
 
@@ -97,6 +98,15 @@ def cmd_import_hf(args) -> int:
   cfg = load.import_hf(args.hf_dir, args.workdir)
   print(f"imported {args.hf_dir} into {args.workdir} (stage 'import'; vision {cfg.model.vision.kind}, "
         f"projector {cfg.model.projector.kind}, decoder {cfg.model.decoder.num_layers} layers)")
+  return 0
+
+
+def cmd_init(args) -> int:
+  from vlm_jax import init  # pylint: disable=import-outside-toplevel
+  cfg = init.init(args.config, args.workdir, args.vision, args.decoder, args.set)
+  print(f"initialised {args.workdir} (stage '{init.INIT_STAGE}'; vision {cfg.model.vision.kind} from {args.vision}, "
+        f"fresh {cfg.model.projector.kind} projector, decoder from {args.decoder}); train it with "
+        f"`vlm-jax train --config {args.config} --workdir {args.workdir}`")
   return 0
 
 
@@ -191,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--hf-dir", required=True, help="local directory with config.json, *.safetensors, tokenizer")
   p.add_argument("--workdir", required=True)
   p.set_defaults(fn=cmd_import_hf)
+
+  p = sub.add_parser("init", help="compose a VLM workdir from a HF vision tower and a HF causal LM (new projector)")
+  _add_config_args(p)
+  p.add_argument("--workdir", required=True, help="output dir (local or gs://); train it with the same --config")
+  p.add_argument("--vision", required=True, help="SiglipVisionModel / SiglipModel / CLIPVisionModel / CLIPModel "
+                 "directory (local or gs://: config.json, *.safetensors, preprocessor_config.json)")
+  p.add_argument("--decoder", required=True, help="LlamaForCausalLM directory (local or gs://: config.json, "
+                 "*.safetensors, tokenizer.json)")
+  p.set_defaults(fn=cmd_init)
 
   p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
   p.add_argument("--config", default="shapes_tiny", help="config name in configs/ or a .py path (default: %(default)s)")
