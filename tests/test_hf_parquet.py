@@ -114,9 +114,11 @@ def prepared(files, tmp_path_factory):
       "trl": datasets.prepare("hf_parquet", data_dir, parquet=f"{root}/llava-mix/data/*.parquet", format="trl"),
       "cauldron": datasets.prepare("hf_parquet/cauldron", data_dir, format="cauldron",
                                    parquet=f"{root}/the_cauldron/vqav2/train-*.parquet", source="fallback"),
-      "vqa": datasets.prepare("hf_parquet/vqa", data_dir, parquet=f"{root}/vqa/data/*.parquet", format="vqa",
-                              image="img", question="q", answer="", question_type="kind", source="vqav2"),
   }
+  # The command line, as a user types it (`answer=` turns the answer column off: answers only).
+  assert cli.main(["data", "prepare", "hf_parquet/vqa", "--data-dir", data_dir, "--parquet",
+                   f"{root}/vqa/data/*.parquet", "--format", "vqa", "--set", "image=img", "question=q", "answer=",
+                   "question_type=kind", "source=vqav2"]) == 0
   return data_dir, reports
 
 
@@ -192,6 +194,12 @@ def test_vqa_answers_as_structs_and_trl_joins():
                                             {"answer": "blue", "answer_id": 3}], "answer": None}
   turns, references = rows.vqa_turns(row, rows.Columns(), 0)
   assert turns == _turns(("user", "Colour?"), ("assistant", "blue")) and references == ["red", "blue", "blue"]
+  docvqa = {"question": "Date?", "answers": ["1 May", "May 1"], "questionId": 7, "question_types": ["form", "date"],
+            "image": None}
+  example, _ = rows.convert_row("vqa", docvqa, "k", rows.Columns(answer="", id="questionId",
+                                                                  question_type="question_types"), 100)
+  assert (example["id"], example["question_types"], example["images"]) == ("7", ["form/date"], [])
+  assert example["references"] == [{"turn": 0, "text": "1 May"}, {"turn": 0, "text": "May 1"}]
   content = [{"type": "text", "text": "Look:"}, {"type": "image"}, {"type": "text", "text": "\nand"},
              {"type": "text", "text": " this"}, {"type": "image"}]
   assert rows.trl_turns([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]) == _turns(

@@ -151,6 +151,13 @@ def cauldron_turns(texts, num_images: int) -> tuple[list[dict], str]:
   return turns, next((s for s in sources if s), "")
 
 
+def _question_type(value) -> str:
+  """A question type cell: text, or a list of them (DocVQA's question_types) joined with "/"."""
+  if isinstance(value, list):
+    return "/".join(_text(v, "question_type") for v in value)
+  return _text(value, "question_type")
+
+
 def _answers(value) -> list[str]:
   if value is None:
     return []
@@ -198,7 +205,7 @@ def convert_row(fmt: str, row: dict, key: str, columns: Columns, max_pixels: int
   images = _image_bytes(structs, key, max_pixels, repairs)
   record_id = str(row.get(columns.id)) if columns.id and row.get(columns.id) is not None else key
   num_answers = sum(t["role"] == "assistant" for t in turns)
-  qtype = _text(row.get(columns.question_type), "question_type") if columns.question_type else ""
+  qtype = _question_type(row.get(columns.question_type)) if columns.question_type else ""
   return {"id": record_id, "images": images, "caption": "", "turns": turns,
           "question_types": [qtype] * num_answers, "negative_captions": [], "source": source,
           "references": references}, repairs
