@@ -47,8 +47,8 @@ def _randomize(model, seed):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-  """SmolLM2-shaped LlamaForCausalLM (tied, GQA, theta 1e5, eps 1e-5) whose tokenizer has ChatML (`<|im_end|>` is
-  eos) and a ChatML template, as SmolLM2-Instruct's has."""
+  """SmolLM2-shaped LlamaForCausalLM (tied, GQA, theta 1e5, eps 1e-5) in safetensors shards, whose tokenizer has
+  ChatML (`<|im_end|>` is eos) and a ChatML template, as SmolLM2-Instruct's has."""
   path = tmp_path_factory.mktemp("smollm2")
   tk = bpe_tokenizer(CORPUS)
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=IM_END, bos_token="<|endoftext|>",
@@ -60,7 +60,8 @@ def lm_dir(tmp_path_factory):
       num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
       rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, bos_token_id=fast.bos_token_id,
       eos_token_id=fast.eos_token_id)), 1)
-  model.save_pretrained(path)
+  model.save_pretrained(path, max_shard_size="100KB")  # sharded, as 7B checkpoints are
+  assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
   return model, path
 
 
@@ -224,6 +225,12 @@ def test_contradicting_set_names_key_values_and_file(siglip_dir, lm_dir, tmp_pat
   assert not (tmp_path / "w").exists()  # nothing written
 
 
+def test_init_into_an_initialised_workdir_is_an_error(smolvlm, siglip_dir, lm_dir):
+  workdir, _ = smolvlm
+  with pytest.raises(InputError, match="already initialised"):
+    init.init("smolvlm_256m", workdir, siglip_dir[1], lm_dir[1])
+
+
 def test_a_tower_given_for_the_other_is_an_error_naming_the_file(siglip_dir, lm_dir, tmp_path, capsys):
   with pytest.raises(InputError) as e:
     init.init("smolvlm_256m", tmp_path / "w", siglip_dir[1], siglip_dir[1])
@@ -296,16 +303,63 @@ def test_align_then_instruct_from_init_keeps_towers_then_exports_like_generate(s
   config_file.write_text(f"DATA_DIR = {shapes_data_dir!r}\n" + RUN_CONFIG)
   workdir = tmp_path / "w"
   init.init(str(config_file), workdir, siglip_dir[1], lm_dir[1], log=lambda line: None)
-  assert cli.main(["train", "--config", str(config_file), "--workdir", str(workdir), "--stage", "align"]) == 0
+  assert cli.main(["train", "--config", str(config_file), "--workdir", str(workdir)]) == 0
   config, params, _ = workdir_lib.load(workdir, "align")
   base = Tokenizer.load(lm_dir[1] / "tokenizer.json").vocab_size
   _assert_towers_equal_hf(params, config, siglip_dir[0], lm_dir[0], base)  # frozen: bit-identical
   _, init_params, _ = workdir_lib.load(workdir, "init")
   assert not np.array_equal(params["projector"]["proj"]["kernel"], init_params["projector"]["proj"]["kernel"])
-  assert cli.main(["train", "--config", str(config_file), "--workdir", str(workdir)]) == 0
   config, params, tok = workdir_lib.load(workdir)
   out = export.export_workdir(workdir, tmp_path / "hf")
   image = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
   _, hf_ids = export.hf_generate(out, [image], "What colour is the circle?", max_new_tokens=8)
   ours = Generator(config, params, tok).generate([([image], "What colour is the circle?")], max_new_tokens=8)[0]
   assert len(hf_ids) > 0 and ours.token_ids == hf_ids
+
+
+# config.json of google/siglip-base-patch16-512 and HuggingFaceTB/SmolLM2-135M-Instruct as the Hub has them (the
+# SiglipModel's vision_config stores only non-default fields).
+SIGLIP_B16_512 = {"architectures": ["SiglipModel"], "model_type": "siglip", "initializer_factor": 1.0,
+                  "text_config": {"hidden_size": 768, "intermediate_size": 3072, "model_type": "siglip_text_model",
+                                  "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 32000},
+                  "vision_config": {"hidden_size": 768, "image_size": 512, "intermediate_size": 3072,
+                                    "model_type": "siglip_vision_model", "num_attention_heads": 12,
+                                    "num_hidden_layers": 12, "patch_size": 16}}
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+                "hidden_act": "silu", "hidden_size": 576, "intermediate_size": 1536, "max_position_embeddings": 8192,
+                "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+                "pad_token_id": 2, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 100000,
+                "tie_word_embeddings": True, "vocab_size": 49152}
+
+
+CLIP_L14_336 = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 768,
+                "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                                "num_hidden_layers": 12, "model_type": "clip_text_model"},
+                "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                                  "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14,
+                                  "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05,
+                                  "model_type": "clip_vision_model"}}
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+             "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+             "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
+             "rope_scaling": None, "tie_word_embeddings": False, "vocab_size": 32000}
+
+
+@pytest.mark.parametrize("name, vision_json, decoder_json, vocab, added", [
+    ("smolvlm_256m", SIGLIP_B16_512, SMOLLM2_135M, 49152, 39),  # <image> + Idefics3's tags
+    ("llava15_7b", CLIP_L14_336, LLAMA2_7B, 32000, 1)])  # <image> (the test tokenizer has ChatML)
+def test_the_real_checkpoints_configs_give_the_shipped_shapes(lm_dir, tmp_path, name, vision_json, decoder_json,
+                                                              vocab, added):
+  vision, decoder = tmp_path / "vision", tmp_path / "decoder"
+  for path, config in ((vision, vision_json), (decoder, decoder_json)):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+  (decoder / "tokenizer.json").write_bytes((lm_dir[1] / "tokenizer.json").read_bytes())
+  shipped = config_lib.load(name)
+  values, _, _, new_tokens = init.towers(shipped, vision, decoder, "tok")
+  different = {k: v for k, v in values.items() if init._get(shipped, k) != v}  # pylint: disable=protected-access
+  # The configs are sized for these checkpoints: only the vocabulary (the LM's rows, not the shipped VLM's padded
+  # count), the image token's id and the tokenizer differ.
+  assert sorted(different) == ["data.tokenizer.path", "data.tokenizer.vocab_size", "model.decoder.vocab_size",
+                               "model.image_token_id"], different
+  assert values["model.decoder.vocab_size"] == vocab and len(new_tokens) == added

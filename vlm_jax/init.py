@@ -120,6 +120,9 @@ def init(config_name: str, workdir: str | os.PathLike, vision_dir: str | os.Path
          log: Callable[[str], None] = print) -> Config:
   """Writes workdir W (module docstring) and returns the Config saved in W/config.json."""
   workdir = checkpoint.absolute(workdir)
+  if checkpoint.finished_step(workdir, INIT_STAGE) is not None:
+    raise InputError(f"{workdir} is already initialised ({checkpoint.stage_dir(workdir, INIT_STAGE)} is finished): "
+                     "train it with `vlm-jax train --config ... --workdir ...`, or init into a new --workdir.")
   user = config_lib.load(config_name, overrides)
   values, sources, tok, added = towers(user, vision_dir, decoder_dir, str(workdir / "tokenizer"))
   config, changes = compose(user, overrides, values, sources)
