@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
+from vlm_jax.datasets import shuffle_buckets
+
 
 def record_features(encoding_format: str | None = "png") -> tfds.features.FeaturesDict:
   text = tfds.features.Text
@@ -29,6 +31,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder):
   url_infos = None
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
+    shuffle_buckets.install()  # splits over 1 GB spill to disk, which TFDS cannot do without TensorFlow
     super().__init__(file_format=file_format, **kwargs)
 
   def summary(self) -> list[str]:

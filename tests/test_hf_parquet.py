@@ -123,8 +123,9 @@ def prepared(files, tmp_path_factory):
 
 
 def _records(data_dir, name, split="train"):
+  """The split's records by id (TFDS stores them shuffled)."""
   source = loader.data_source(name, split, data_dir)
-  return [source[i] for i in range(len(source))]
+  return sorted((source[i] for i in range(len(source))), key=lambda r: r["id"])
 
 
 def _turns(*pairs):
@@ -313,8 +314,9 @@ def test_eval_scores_per_source_match_the_predictions(tmp_path, shapes_data_dir)
                    format="vqa", source_column="src")
 
   results = evaluate.evaluate(tmp_path / "w", generator=generator, progress=False)
-  predictions = [json.loads(line) for line in (tmp_path / "w" / "eval" / "predictions.jsonl").read_text().splitlines()]
-  assert [p["answer"] for p in predictions] == said  # the same batch of questions, the same greedy answers
+  lines = (tmp_path / "w" / "eval" / "predictions.jsonl").read_text().splitlines()
+  predictions = sorted((json.loads(line) for line in lines), key=lambda p: p["question_id"])  # file order
+  assert [p["answer"] for p in predictions] == said  # the same batch of questions (reordered), the same answers
   assert [p["metric"] for p in predictions] == ["vqav2", "anls", "relaxed", "exact"]
   assert [p["references"] for p in predictions] == answers
   assert [p["question_id"] for p in predictions] == [f"data/test-00000-of-00001:{i}" for i in range(4)]
@@ -330,3 +332,20 @@ def test_eval_scores_per_source_match_the_predictions(tmp_path, shapes_data_dir)
   assert results["accuracy"] == {"untyped": np.mean(expected), "overall": np.mean(expected)}
   table_text = evaluate.format_table(results)
   assert "vqav2        vqav2            0.600" in table_text, table_text
+
+
+def test_splits_larger_than_the_memory_buffer_spill_to_disk(files, prepared, tmp_path, monkeypatch):
+  # TFDS keeps up to 1 GB of examples in memory, then spills them into 1000 bucket files (written with
+  # tf.io.gfile, absent here: shuffle_buckets replaces it). With no buffer at all every example spills.
+  from tensorflow_datasets.core import shuffle  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 0)
+  root, _, _ = files
+  datasets.prepare("hf_parquet/cauldron", str(tmp_path), format="cauldron", source="fallback",
+                   parquet=f"{root}/the_cauldron/vqav2/train-*.parquet")
+  spilled, kept = _records(str(tmp_path), "hf_parquet/cauldron"), _records(prepared[0], "hf_parquet/cauldron")
+  assert [r["id"] for r in spilled] == [r["id"] for r in kept] and len(kept) == 2
+  for a, b in zip(spilled, kept):
+    assert {k: v for k, v in a.items() if k != "images"} == {k: v for k, v in b.items() if k != "images"}
+    for x, y in zip(a["images"], b["images"], strict=True):
+      np.testing.assert_array_equal(x, y)
+  assert not list(tmp_path.rglob("bucket_*.tmp"))  # the buckets are removed

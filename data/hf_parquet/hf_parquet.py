@@ -167,9 +167,10 @@ class HfParquet(RecordBuilder):
     return [f"{split}: {json.dumps(value)}" for split, value in counts.items()]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # In file order (keys are row counts), so that `eval --limit N` scores the first N rows, as in the files.
+    # Shuffled by TFDS (records keyed by file and row): order-keeping int keys would all land in one of the
+    # Shuffler's disk buckets, which it then sorts in memory.
     return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features(),
-                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+                                 metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
@@ -194,10 +195,10 @@ class HfParquet(RecordBuilder):
       columns, wanted = resolve_columns(path, schema_names(path), fmt, rows.Columns(**dict(cfg.columns)))
       for index, row in enumerate(parquet_rows(path, wanted, cfg.batch_rows)):
         total += 1
-        example = counts.take(rows.convert_row, fmt, row, f"{path.parent.name}/{path.stem}:{index}", columns,
-                              cfg.max_pixels)
+        key = f"{path.parent.name}/{path.stem}:{index}"
+        example = counts.take(rows.convert_row, fmt, row, key, columns, cfg.max_pixels)
         if example is not None:
-          yield total, example
+          yield key, example
     summary = counts.finish(f"hf_parquet/{cfg.name} {split}", f"{cfg.parquet} ({split})", total,
                             f"check --format {fmt} and the column names (--set)")
     # Runs inside download_and_prepare: data_path is the dir that becomes the dataset; the metadata is
