@@ -6,8 +6,8 @@ lr 1e-3, batch 256), then instruct on LLaVA-Instruct-665K (projector + LLM, lr 2
 The backbones, downloaded once and composed by `vlm-jax init` (tower shapes come from the checkpoints; CLIP is
 read at layer -2 with CLS dropped; a fresh projector joins them):
 
-  huggingface-cli download openai/clip-vit-large-patch14-336 --local-dir ckpt/clip-vit-large-patch14-336
-  huggingface-cli download meta-llama/Llama-2-7b-hf --local-dir ckpt/Llama-2-7b-hf   # or lmsys/vicuna-7b-v1.5
+  hf download openai/clip-vit-large-patch14-336 --local-dir ckpt/clip-vit-large-patch14-336
+  hf download meta-llama/Llama-2-7b-hf --local-dir ckpt/Llama-2-7b-hf   # or lmsys/vicuna-7b-v1.5
   vlm-jax init --config llava15_7b --workdir gs://YOUR_BUCKET/llava15 \
       --vision ckpt/clip-vit-large-patch14-336 --decoder ckpt/Llama-2-7b-hf
   vlm-jax train --config llava15_7b --workdir gs://YOUR_BUCKET/llava15

@@ -3,8 +3,8 @@
 Real users start from the pretrained backbones, downloaded once, composed by `vlm-jax init` (the towers' shapes
 below are then replaced by the checkpoints' own and a fresh projector joins them), then align and instruct:
 
-  huggingface-cli download google/siglip-base-patch16-512 --local-dir ckpt/siglip-base-patch16-512
-  huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir ckpt/SmolLM2-135M-Instruct
+  hf download google/siglip-base-patch16-512 --local-dir ckpt/siglip-base-patch16-512
+  hf download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir ckpt/SmolLM2-135M-Instruct
   vlm-jax init --config smolvlm_256m --workdir gs://YOUR_BUCKET/smolvlm \
       --vision ckpt/siglip-base-patch16-512 --decoder ckpt/SmolLM2-135M-Instruct
   vlm-jax train --config smolvlm_256m --workdir gs://YOUR_BUCKET/smolvlm
