@@ -6,13 +6,18 @@ transformers Idefics3 (smolvlm_256m: SigLIP + pixel shuffle) or LLaVA (llava15_7
 assembled from the same two checkpoints and our fresh projector (1e-4, float32, and the same greedy tokens). Tower
 shapes come from the checkpoints and each change is printed; contradicting `--set`s and a tower given for the
 other one are one-line errors naming the key or file. An import-hf -> export round trip keeps a LLaVA's own
-vocabulary and template: bit-identical tensors, same keys and shapes.
+vocabulary and template: bit-identical tensors, same keys and shapes. Two steps of align then instruct on a tiny
+the_cauldron parquet (the README's commands at tiny size): after align both towers are bit-identical to the
+checkpoints; after instruct, transformers' generate on the export gives the tokens vlm-jax generate gives.
 """
 import contextlib
 import io
 import json
 
 import numpy as np
+import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -20,7 +25,6 @@ from fixtures_tokenizer import bpe_tokenizer
 from safetensors.torch import load_file
 
 from fixtures_convert import CORPUS, TURNS, assert_logits_and_greedy_match_hf, build_llava, prompt_and_pixels
-from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
 from vlm_jax import cli, init
 from vlm_jax import config as config_lib
 from vlm_jax import workdir as workdir_lib
@@ -284,9 +288,9 @@ from vlm_jax import config as config_lib
 
 
 def get_config():
-  """smolvlm_256m's model and stage kinds; a few steps on shapes_vqa/tiny, one 32 px tile per image."""
+  """smolvlm_256m's model and stage kinds; a few steps on a tiny the_cauldron parquet, one 32 px tile per image."""
   cfg = config_lib.load("smolvlm_256m", ["model.dtype=float32", "model.projector.scale_factor=2", "model.remat=none"])
-  common = dict(datasets=(("shapes_vqa/tiny", 1.0),), batch_size=8, steps=2, warmup_steps=1, log_every=1,
+  common = dict(datasets=(("hf_parquet/cauldron_tiny", 1.0),), batch_size=8, steps=2, warmup_steps=1, log_every=1,
                 checkpoint_every=2, max_to_keep=1, task="conversation")
   stages = (config_lib.StageConfig(name="align", trainable=("projector/.*",), lr=1e-4, **common),
             config_lib.StageConfig(name="instruct", trainable=("projector/.*", "decoder/.*"), lr=1e-4, **common))
@@ -297,10 +301,26 @@ def get_config():
 '''
 
 
-def test_align_then_instruct_from_init_keeps_towers_then_exports_like_generate(siglip_dir, lm_dir, tmp_path,
-                                                                              shapes_data_dir):
+def _cauldron_parquet(path, rows=8):
+  """the_cauldron's layout: images = [{bytes, path}] (PNG), texts = [{user, assistant, source}]."""
+  rng = np.random.default_rng(0)
+  images, texts = [], []
+  for i in range(rows):
+    png = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 256, (40 + 4 * i, 56, 3), dtype=np.uint8)).save(png, format="PNG")
+    images.append([{"bytes": png.getvalue(), "path": f"{i}.png"}])
+    texts.append([{"user": "What colour is the circle?", "assistant": ["red", "blue"][i % 2], "source": "tiny"}])
+  path.parent.mkdir(parents=True)
+  pq.write_table(pa.table({"images": images, "texts": texts}), path)
+
+
+def test_align_then_instruct_from_init_keeps_towers_then_exports_like_generate(siglip_dir, lm_dir, tmp_path):
+  _cauldron_parquet(tmp_path / "the_cauldron" / "tiny" / "train-00000-of-00001.parquet")
+  data_dir = str(tmp_path / "tfds")
+  assert cli.main(["data", "prepare", "hf_parquet/cauldron_tiny", "--data-dir", data_dir, "--parquet",
+                   str(tmp_path / "the_cauldron" / "tiny" / "train-*.parquet"), "--format", "cauldron"]) == 0
   config_file = tmp_path / "run_config.py"
-  config_file.write_text(f"DATA_DIR = {shapes_data_dir!r}\n" + RUN_CONFIG)
+  config_file.write_text(f"DATA_DIR = {data_dir!r}\n" + RUN_CONFIG)
   workdir = tmp_path / "w"
   init.init(str(config_file), workdir, siglip_dir[1], lm_dir[1], log=lambda line: None)
   assert cli.main(["train", "--config", str(config_file), "--workdir", str(workdir)]) == 0
