@@ -313,7 +313,10 @@ def test_eval_scores_per_source_match_the_predictions(tmp_path, shapes_data_dir)
   datasets.prepare("hf_parquet/scored", str(tmp_path / "tfds"), parquet=f"{tmp_path}/scored/data/*.parquet",
                    format="vqa", source_column="src")
 
-  results = evaluate.evaluate(tmp_path / "w", generator=generator, progress=False)
+  # The command, on the workdir's own model (a fresh load of the same params).
+  assert cli.main(["eval", "--workdir", str(tmp_path / "w"), "--data-dir", str(tmp_path / "tfds"), "--dataset",
+                   "hf_parquet/scored", "--max-new-tokens", str(evaluate.ANSWER_TOKENS)]) == 0
+  results = json.loads(evaluate.results_path(tmp_path / "w").read_text())
   lines = (tmp_path / "w" / "eval" / "predictions.jsonl").read_text().splitlines()
   predictions = sorted((json.loads(line) for line in lines), key=lambda p: p["question_id"])  # file order
   assert [p["answer"] for p in predictions] == said  # the same batch of questions (reordered), the same answers
@@ -332,6 +335,11 @@ def test_eval_scores_per_source_match_the_predictions(tmp_path, shapes_data_dir)
   assert results["accuracy"] == {"untyped": np.mean(expected), "overall": np.mean(expected)}
   table_text = evaluate.format_table(results)
   assert "vqav2        vqav2            0.600" in table_text, table_text
+
+  # metric="exact" for every question: any one matching reference scores 1 (the extra "#" is punctuation).
+  exact = evaluate.evaluate(tmp_path / "w", generator=generator, progress=False, metric="exact")
+  assert exact["metrics"] == {"DocVQA": "exact", "chartqa": "exact", "unnamed": "exact", "vqav2": "exact"}
+  assert exact["by_source"] == {"DocVQA": 1.0, "chartqa": 1.0, "unnamed": 0.0, "vqav2": 1.0, "overall": 0.75}
 
 
 def test_splits_larger_than_the_memory_buffer_spill_to_disk(files, prepared, tmp_path, monkeypatch):
