@@ -11,6 +11,7 @@ setuptools.setup(
     # The dataset builders live in the top-level `data/` folder but install as `vlm_jax.datasets`
     # so no top-level package named `data` lands in site-packages.
     package_dir={"vlm_jax.datasets": "data"},
+    package_data={"vlm_jax.serve": ["page/*"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -32,6 +33,8 @@ setuptools.setup(
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
         "torch": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
         "tpu": ["jax[tpu]==0.10.2"],
+        # `vlm-jax serve`; openai and selenium are the serve tests' clients (selenium drives Debian's chromium).
+        "serve": ["starlette==1.10.0", "uvicorn==0.54.0", "openai==3.51.0", "selenium==4.51.0"],
     },
     entry_points={"console_scripts": ["vlm-jax=vlm_jax.cli:main"]},
 )

@@ -29,7 +29,7 @@ from vlm_jax import cli, init
 from vlm_jax import config as config_lib
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.config import InputError
-from vlm_jax.convert import export, hf_names, load
+from vlm_jax.convert import export, hf_names, hf_tokens, load
 from vlm_jax.generate import Generator
 from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import IM_END, IM_START, Tokenizer
@@ -383,3 +383,17 @@ def test_the_real_checkpoints_configs_give_the_shipped_shapes(lm_dir, tmp_path, 
   assert sorted(different) == ["data.tokenizer.path", "data.tokenizer.vocab_size", "model.decoder.vocab_size",
                                "model.image_token_id"], different
   assert values["model.decoder.vocab_size"] == vocab and len(new_tokens) == added
+
+
+def test_a_models_own_template_is_found_where_transformers_saves_it(tmp_path):
+  assert hf_tokens.chat_template(tmp_path) is None  # none: vlm_jax's ChatML, and its two tokens, are chosen
+  assert hf_tokens.needed_tokens(None, "mlp", False) == ["<image>", IM_START, IM_END]
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+      {"name": "tool_use", "template": "T"}, {"name": "default", "template": "USER: {{ messages }}"}]}))
+  assert hf_tokens.chat_template(tmp_path) == "USER: {{ messages }}"
+  assert hf_tokens.needed_tokens("USER: {{ messages }}", "pixel_shuffle", False) == [
+      "<image>", "<fake_token_around_image>", "<global-img>"]  # no ChatML, no tile tags for unsplit images
+  (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}"}))  # llava-hf
+  assert hf_tokens.chat_template(tmp_path) == "{{ '<|im_start|>' }}"
+  (tmp_path / "chat_template.jinja").write_text("J")
+  assert hf_tokens.chat_template(tmp_path) == "J"

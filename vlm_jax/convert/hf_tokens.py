@@ -28,18 +28,20 @@ CHAT_TOKENS = [IM_START, IM_END]
 
 def chat_template(directory: str | os.PathLike) -> str | None:
   """A model directory's own chat template, or None: `chat_template.jinja` (what transformers >= 4.51 saves),
-  else tokenizer_config.json's `chat_template` (a string, or a list of named templates: the 'default' one)."""
+  else a processor's chat_template.json (llava-hf checkpoints), else tokenizer_config.json's `chat_template` (a
+  string, or a list of named templates: the 'default' one)."""
   directory = epath.Path(directory)
   if (directory / TEMPLATE_FILE).exists():
     return files.read_text(directory / TEMPLATE_FILE, "chat template")
-  config = directory / "tokenizer_config.json"
-  if not config.exists():
-    return None
-  template = files.read_json(config, "HF tokenizer_config.json", "save the tokenizer again with transformers").get(
-      "chat_template")
-  if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-    template = next((t["template"] for t in template if t.get("name") == "default"), None)
-  return template or None
+  for name in ("chat_template.json", "tokenizer_config.json"):
+    if (directory / name).exists():
+      template = files.read_json(directory / name, f"HF {name}", "save it again with transformers").get(
+          "chat_template")
+      if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+      if template:
+        return template
+  return None
 
 
 def is_chatml(template: str | None) -> bool:
