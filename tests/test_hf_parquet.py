@@ -255,6 +255,8 @@ def test_bad_files_give_one_line_errors(tmp_path, capsys, files):
     datasets.prepare("hf_parquet/y", str(tmp_path / "d"), parquet=f"{tmp_path}/nothing/*.parquet", format="vqa")
   with pytest.raises(InputError, match="Unknown hf_parquet option"):
     datasets.get_builder("hf_parquet", str(tmp_path / "d"), parquet="x.parquet", questoin="q")
+  with pytest.raises(InputError, match="batch_rows='many': expected a whole number"):
+    datasets.get_builder("hf_parquet", str(tmp_path / "d"), parquet="x.parquet", batch_rows="many")
 
 
 def test_names_and_splits():

@@ -133,6 +133,12 @@ def parquet_rows(path: epath.Path, wanted: list[str], batch_rows: int = BATCH_RO
         yield from batch.to_pylist()
 
 
+def _whole(key: str, value) -> int:
+  if not (isinstance(value, int) and not isinstance(value, bool) or str(value).isdigit()) or int(value) < 1:
+    raise InputError(f"hf_parquet option {key}={value!r}: expected a whole number >= 1.")
+  return int(value)
+
+
 class HfParquet(RecordBuilder):
   """Hub parquet datasets (TRL messages + images, the_cauldron, plain VQA tables); image bytes kept when JPEG
   or PNG, else re-encoded as PNG."""
@@ -155,12 +161,12 @@ class HfParquet(RecordBuilder):
                        f"batch_rows, {', '.join(COLUMN_OPTIONS)}.")
     if format and format not in rows.FORMATS:
       raise InputError(f"hf_parquet format {format!r}: expected one of {', '.join(rows.FORMATS)}.")
-    if int(batch_rows) < 1:
-      raise InputError(f"hf_parquet option batch_rows={batch_rows}: expected a whole number >= 1.")
+    if split and not re.fullmatch(r"[A-Za-z0-9_]+", str(split)):
+      raise InputError(f"hf_parquet option split={split!r}: use letters, digits and _ (e.g. split=validation).")
     return cls(data_dir=data_dir, config=HfParquetConfig(
-        name=config or config_name(parquet), parquet=str(parquet), format=format, split=split,
-        columns=tuple(sorted((k, str(v)) for k, v in columns.items())), max_pixels=int(max_pixels),
-        batch_rows=int(batch_rows), description=f"Hugging Face parquet {parquet}"))
+        name=config or config_name(parquet), parquet=str(parquet), format=format, split=str(split),
+        columns=tuple(sorted((k, str(v)) for k, v in columns.items())), description=f"Hugging Face parquet {parquet}",
+        max_pixels=_whole("max_pixels", max_pixels), batch_rows=_whole("batch_rows", batch_rows)))
 
   def summary(self) -> list[str]:
     counts = self.info.metadata.get("record_counts", {})
