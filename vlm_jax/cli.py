@@ -82,6 +82,13 @@ def cmd_serve(args) -> int:
   return 0
 
 
+def cmd_serve(args) -> int:
+  from vlm_jax.serve import api  # pylint: disable=import-outside-toplevel
+  api.serve(args.workdir, args.stage, host=args.host, port=args.port, slots=args.slots, max_images=args.max_images,
+            allow_local_files=args.allow_local_files)
+  return 0
+
+
 def cmd_eval(args) -> int:
   from vlm_jax import evaluate  # pylint: disable=import-outside-toplevel
   results = evaluate.evaluate(args.workdir, split=args.split, limit=args.limit, batch_size=args.batch_size,
@@ -131,7 +138,8 @@ def cmd_aot(args) -> int:
 
 def cmd_bench(args) -> int:
   from vlm_jax import bench  # pylint: disable=import-outside-toplevel
-  return bench.main(_load(args), compare_torch=args.compare_torch, json_out=args.json, quick=args.quick)
+  return bench.main(_load(args), compare_torch=args.compare_torch, json_out=args.json, quick=args.quick,
+                    serve=args.serve)
 
 
 def _parse_options(items: list[str]) -> list[tuple[str, object]]:
@@ -177,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
   p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
   p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("serve", help="serve a workdir's model: OpenAI-compatible chat API with images and streaming "
+                     "(continuous batching), and a chat page at /")
+  p.add_argument("--workdir", required=True, help="a training workdir (config.json, tokenizer/, stage checkpoints)")
+  p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
+  p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 listens on every interface)")
+  p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+  p.add_argument("--slots", type=int, default=4, help="requests decoded together (default: %(default)s)")
+  p.add_argument("--max-images", type=int, default=4, help="images per conversation (default: %(default)s)")
+  p.add_argument("--allow-local-files", action="store_true",
+                 help="accept image urls that are paths on this machine (file://... or /path)")
+  p.set_defaults(fn=cmd_serve)
 
   p = sub.add_parser("serve", help="serve a workdir's model: OpenAI-compatible chat API with images and streaming "
                      "(continuous batching), and a chat page at /")
@@ -263,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--quick", action="store_true",
                  help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 8 new "
                  "tokens; compile times may be persistent-cache hits")
+  p.add_argument("--serve", action="store_true",
+                 help="instead: the serving engine under 1, 4 and 16 concurrent clients (output tokens/s, time to "
+                 "first token) against transformers' generate called per request")
   p.set_defaults(fn=cmd_bench)
 
   p = sub.add_parser("config", help="config tools")

@@ -145,10 +145,15 @@ def _torch(config, stage, params, tokenizer_dir, hf_dir, batch, prompts, plan, l
   return out
 
 
-def main(config: Config, *, compare_torch: bool, json_out: str | None, quick: bool) -> int:
-  """`vlm-jax bench`: runs, prints the table, writes the JSON if asked."""
-  results = run(config, compare_torch=compare_torch, plan=QUICK if quick else FULL)
-  print(report.table(results))
+def main(config: Config, *, compare_torch: bool, json_out: str | None, quick: bool, serve: bool = False) -> int:
+  """`vlm-jax bench`: runs, prints the table, writes the JSON if asked. With `serve`, bench/serve.py instead."""
+  if serve:
+    from vlm_jax.bench import serve as serve_bench  # pylint: disable=import-outside-toplevel
+    results = serve_bench.run(config, QUICK if quick else FULL)
+    print(serve_bench.table(results))
+  else:
+    results = run(config, compare_torch=compare_torch, plan=QUICK if quick else FULL)
+    print(report.table(results))
   if json_out:
     report.write_json(results, json_out)
     print(f"wrote {json_out}")
