@@ -96,6 +96,11 @@ def files(tmp_path_factory):
          pa.table({"images": pa.array([i for i, _ in cauldron], pa.list_(IMAGE)),
                    "texts": pa.array([t for _, t in cauldron], TEXTS)}))
 
+  # A second subset, as the_cauldron's download lays them out side by side (same file name).
+  _write(root / "the_cauldron" / "ai2d" / "train-00000-of-00001.parquet",
+         pa.table({"images": pa.array([[px[2][1]]], pa.list_(IMAGE)),
+                   "texts": pa.array([[{"user": "Which?", "assistant": "B", "source": "ai2d"}]], TEXTS)}))
+
   answers = ["2"] * 3 + ["3"] * 7
   vqa = {"img": pa.array([px[0][1], px[1][1], None, BROKEN], IMAGE),
          "q": ["How many?", "What colour?", "Text only?", "Broken?"],
@@ -359,3 +364,15 @@ def test_splits_larger_than_the_memory_buffer_spill_to_disk(files, prepared, tmp
     for x, y in zip(a["images"], b["images"], strict=True):
       np.testing.assert_array_equal(x, y)
   assert not list(tmp_path.rglob("bucket_*.tmp"))  # the buckets are removed
+
+
+def test_subsets_of_one_glob_keep_their_sources(files, tmp_path):
+  root, px, _ = files
+  report = datasets.prepare("hf_parquet", str(tmp_path), format="cauldron",
+                            parquet=f"{root}/the_cauldron/*/train-*.parquet")
+  assert "hf_parquet/the_cauldron 1.0.0" in report and "train=3" in report
+  records = _records(str(tmp_path), "hf_parquet/the_cauldron")
+  assert [(r["id"], r["source"]) for r in records] == [
+      ("ai2d/train-00000-of-00001:0", "ai2d"), ("vqav2/train-00000-of-00001:0", "vqav2"),
+      ("vqav2/train-00000-of-00001:1", "")]
+  np.testing.assert_array_equal(records[0]["images"][0], px[2][0])
