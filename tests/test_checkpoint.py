@@ -28,8 +28,7 @@ def toy_state(params, step=3):
   tx = optimizer.make_optimizer(STAGE, params)
   grads = jax.tree.map(jnp.ones_like, params)
   _, opt_state = tx.update(grads, tx.init(params), params)  # non-zero Adam moments
-  return {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state,
-          "rng": jax.random.PRNGKey(7)}
+  return {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state}
 
 
 def abstract(state, sharding_of):
@@ -71,6 +70,19 @@ def test_restore_onto_a_different_mesh_and_data_iterator(tmp_path):
   for a, b in zip(expected_next, got):
     np.testing.assert_array_equal(a, b)
   assert not any(np.array_equal(seen[0], g) for g in got)
+
+
+def test_a_state_with_the_old_rng_still_restores(tmp_path):
+  """Train states used to hold an unused `rng`: their checkpoints resume into today's state, which has none."""
+  state = toy_state(toy_params())
+  mngr = checkpoint.manager(tmp_path, STAGE)
+  checkpoint.save(mngr, 3, {**state, "rng": jax.random.PRNGKey(7)}, force=True)
+  mngr.wait_until_finished()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restored = checkpoint.restore(checkpoint.manager(tmp_path, STAGE), 3, abstract(state, lambda x: device))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_shape_mismatch_names_path_and_both_shapes(tmp_path):

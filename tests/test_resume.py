@@ -137,7 +137,7 @@ def test_workdir_layout_and_logged_metrics(uninterrupted):
   assert list((workdir / "tensorboard" / "align").glob("events.out.tfevents.*"))
   records = metrics.read_metrics(workdir, "align")
   assert set(records[0]) == {"step", "loss", "aux_loss", "grad_norm", "lr", "num_tokens", "tokens_per_s",
-                             "step_time_s"}
+                             "real_tokens_per_s", "supervised_tokens_per_s", "step_time_s"}
   schedule = optimizer.schedule(cfg.train.stage("align"))
   np.testing.assert_allclose([r["lr"] for r in records], [float(schedule(s)) for s in range(30)], rtol=1e-6)
   assert records[0]["lr"] == 0.0 and abs(records[2]["lr"] - 1e-2) < 1e-9

@@ -29,7 +29,7 @@ def setup(cfg, stage, mesh):
   tx = optimizer.make_optimizer(stage, shapes)
   abstract = step.abstract_state(cfg, stage, mesh, tx)
   params = step.init_params(cfg, mesh, jax.random.PRNGKey(0))
-  return model, tx, abstract, step.init_state(params, tx, abstract, seed=0)
+  return model, tx, abstract, step.init_state(params, tx, abstract)
 
 
 def run_steps(cfg, stage_name, batch, steps=2, mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2), devices=None,
@@ -99,8 +99,7 @@ def test_grad_accumulation_averages_over_all_supervised_tokens():
     @jax.jit
     def mean_loss_and_grads(params, batch, stage=stage, model=model, labels=labels):
       trainable, frozen = step.split_trainable(params, labels)
-      loss_sum, _, weight, grads, _ = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch,
-                                                         jax.random.PRNGKey(0))
+      loss_sum, _, weight, grads, _ = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch)
       return loss_sum / weight, weight, grads
     with step.use_mesh(mesh):
       results[accum] = jax.device_get(mean_loss_and_grads(state["params"], batch))
@@ -216,3 +215,23 @@ def test_bf16_steps_of_the_real_model_families_match_float32(name):
   assert config_lib.load(name).model.decoder.tie_embeddings == (name == "smolvlm_256m")
   np.testing.assert_allclose(losses_by_dtype["bfloat16"], losses_by_dtype["float32"], rtol=2e-3)
   assert losses_by_dtype["float32"][1] < losses_by_dtype["float32"][0]  # the first step trained
+
+
+def test_token_counts_tell_padding_from_real_and_supervised_tokens():
+  """Row 0 packs two sequences and pads the end; row 1 is left-padded. Its label at position 0 is never scored
+  (nothing predicts the first token), so supervised tokens are the shifted labels the loss reads."""
+  from vlm_jax.train import metrics, run  # pylint: disable=import-outside-toplevel
+  x = losses.IGNORE_ID
+  batch = {"input_ids": np.ones((2, 6), np.int32),
+           "segment_ids": np.array([[1, 1, 1, 2, 2, 0], [0, 0, 1, 1, 1, 1]]),
+           "labels": np.array([[9, x, 5, x, 7, x], [x, x, x, 3, 4, 6]])}
+  counts = metrics.token_counts(batch)
+  assert counts == {"tokens": 12, "real_tokens": 9, "supervised_tokens": 5}
+  assert int(losses.supervised_tokens(batch["labels"])) == 5  # what the step reports as num_tokens
+  contrastive = {"text_ids": np.ones((2, 4), np.int32), "text_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)}
+  assert metrics.token_counts(contrastive) == {"tokens": 8, "real_tokens": 5}
+  # Two logged steps of that batch in 4 s.
+  steps = [{"loss": np.float32(2.0), "lr": np.float32(0.1)}, {"loss": np.float32(1.0), "lr": np.float32(0.2)}]
+  values = run.summarize(steps, {k: 2 * n for k, n in counts.items()}, seconds=4.0)
+  assert values == {"loss": 1.5, "lr": np.float32(0.2), "tokens_per_s": 6.0, "real_tokens_per_s": 4.5,
+                    "supervised_tokens_per_s": 2.5, "step_time_s": 2.0}

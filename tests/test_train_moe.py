@@ -43,7 +43,7 @@ def sgd_step(cfg, mesh, batch):
   model, tx = vlm.VLM(cfg.model), optax.sgd(1.0)
   abstract = step.abstract_state(cfg, STAGE, mesh, tx)
   params = step.init_params(cfg, mesh, jax.random.PRNGKey(0))
-  state = step.init_state(params, tx, abstract, seed=0)
+  state = step.init_state(params, tx, abstract)
   before = jax.device_get(state["params"])
   with step.use_mesh(mesh):
     state, metrics = step.make_train_step(model, STAGE, mesh, tx, abstract)(state, batch)
@@ -120,12 +120,13 @@ def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # n
                                           "train.stages.instruct.log_every=2",
                                           "train.stages.instruct.checkpoint_every=100"])
   stage = cfg.train.stage("instruct")
-  returned, make_train_step = [], step.make_train_step
+  returned, batches, make_train_step = [], [], step.make_train_step
 
   def recording_step(*args, **kwargs):
     train_step = make_train_step(*args, **kwargs)
 
     def wrapped(state, batch):
+      batches.append(jax.device_get({k: batch[k] for k in ("input_ids", "segment_ids", "labels")}))
       state, metrics = train_step(state, batch)
       returned.append(jax.device_get(metrics))
       return state, metrics
@@ -139,7 +140,8 @@ def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # n
   assert len(returned) == 4 and [r["step"] for r in records] == [2, 4]
   moe_keys = {"moe/dropped_fraction", "moe/load_balancing_loss", "moe/z_loss"}
   assert set(records[0]) == ({"step", "loss", "aux_loss", "grad_norm", "lr", "num_tokens", "tokens_per_s",
-                              "step_time_s"} | moe_keys | {f"moe/expert_load/{e}" for e in range(E)})
+                              "real_tokens_per_s", "supervised_tokens_per_s", "step_time_s"} | moe_keys |
+                             {f"moe/expert_load/{e}" for e in range(E)})
   for record, steps in zip(records, (returned[:2], returned[2:])):
     for key in ["loss", "aux_loss", "num_tokens"] + sorted(moe_keys):
       np.testing.assert_allclose(record[key], np.mean([m[key] for m in steps]), rtol=1e-6, err_msg=key)
@@ -148,6 +150,16 @@ def test_run_logs_every_moe_metric(shapes_data_dir, tmp_path, monkeypatch):  # n
     np.testing.assert_allclose(load, np.mean([m["moe/expert_load"] for m in steps], 0), rtol=1e-6)
     np.testing.assert_allclose(load.sum(), 1.0, atol=1e-6)  # shares of the k * tokens assignments
     assert record["aux_loss"] > 0.1 and 0.0 <= record["moe/dropped_fraction"] < 0.5
+  # Throughput over the 2 steps of each record: all positions, non-padding ones, and the ones the loss scores (the
+  # steps' own num_tokens); the batches are padded, so the three differ.
+  for record, steps, seen in zip(records, (returned[:2], returned[2:]), (batches[:2], batches[2:])):
+    seconds = 2 * record["step_time_s"]
+    counts = {"tokens": sum(b["input_ids"].size for b in seen),
+              "real_tokens": sum(int((b["segment_ids"] != 0).sum()) for b in seen),
+              "supervised_tokens": sum(int(m["num_tokens"]) for m in steps)}
+    assert counts["tokens"] > counts["real_tokens"] > counts["supervised_tokens"] > 0
+    for kind, count in counts.items():
+      assert record[f"{kind}_per_s"] * seconds == pytest.approx(count, rel=1e-12), kind
 
   events = tensorboard_events(tmp_path / "tensorboard" / "instruct")
   scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value if v.HasField("simple_value")}

@@ -1,6 +1,6 @@
 """Orbax checkpoints: one CheckpointManager per stage under W/<stage>/, stage handoff, restore onto any mesh.
 
-A step directory holds two items: `state` (params, opt_state, step, rng; StandardSave) and `data` (the grain
+A step directory holds two items: `state` (params, opt_state, step; StandardSave) and `data` (the grain
 iterators' positions, one file per data shard, `data/shard_<s>-of-<n>.json`: see `vlm_jax.inputs.shards`).
 Restores go through abstract ShapeDtypeStructs that carry the *target* shardings, so a checkpoint written on
 one mesh (or number of processes) loads onto another. A stage is finished when its final step is saved and
@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from vlm_jax.config import StageConfig
 
 FINISHED = "FINISHED"  # marker file in W/<stage>/ holding the final step, written once that step is on disk
+LEGACY_STATE_KEYS = ("rng",)  # train-state entries older checkpoints hold and today's state does not
 
 
 def absolute(path: str | epath.PathLike) -> epath.Path:
@@ -144,11 +145,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, An
             data_iterator: Iterator | None = None) -> dict[str, Any]:
   """Restores the state at `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs), and the
   data iterator's position in place. Param shapes are checked against the checkpoint's metadata first."""
-  check_shapes(mngr.item_metadata(step)["state"]["params"], abstract_state["params"])
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  saved = mngr.item_metadata(step)["state"]
+  check_shapes(saved["params"], abstract_state["params"])
+  # Older train states also held an unused `rng` uint32 [2]: such a checkpoint still resumes (read, then dropped).
+  legacy = {k: jax.ShapeDtypeStruct(saved[k].shape, saved[k].dtype, sharding=abstract_state["step"].sharding)
+            for k in LEGACY_STATE_KEYS if k in saved and k not in abstract_state}
+  items = {"state": ocp.args.StandardRestore({**abstract_state, **legacy})}
   if data_iterator is not None:
     items["data"] = DataRestore(data_iterator)
-  return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+  state = mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+  return {k: v for k, v in state.items() if k not in legacy}
 
 
 def mark_finished(workdir: str | epath.PathLike, stage_name: str, step: int) -> None:

@@ -35,7 +35,7 @@ def time_train_step(config: Config, stage: StageConfig, mesh: Any, params: Any, 
   shapes, _ = vlm.abstract_params(config.model)
   tx = optimizer_lib.make_optimizer(stage, shapes)
   abstract = step_lib.abstract_state(config, stage, mesh, tx)
-  state = step_lib.init_state(jax.tree.map(lambda x: x.copy(), params), tx, abstract, seed=config.seed)
+  state = step_lib.init_state(jax.tree.map(lambda x: x.copy(), params), tx, abstract)
   batch = {k: jax.device_put(v, data_sharding(mesh, v.ndim)) for k, v in batch.items()}
   with step_lib.use_mesh(mesh):
     train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from vlm_jax.losses import IGNORE_ID
+
 
 def metrics_path(workdir: str | epath.PathLike, stage_name: str) -> epath.Path:
   return epath.Path(workdir) / stage_name / "metrics.jsonl"
@@ -20,6 +22,18 @@ def read_metrics(workdir: str | epath.PathLike, stage_name: str) -> list[dict[st
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def token_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
+  """Tokens of a host batch, three ways (the train log reports each per second as `<name>_per_s`):
+  tokens: every position the model computes, padding included ([B, S]: B * S);
+  real_tokens: positions that are not padding (segment_ids != 0);
+  supervised_tokens: positions the loss scores (the label of the next position is not IGNORE_ID: the step's
+  num_tokens). Contrastive batches: text positions, and real ones (text_mask); they have no labels."""
+  if "input_ids" not in batch:
+    return {"tokens": int(np.size(batch["text_ids"])), "real_tokens": int(np.sum(batch["text_mask"]))}
+  return {"tokens": int(np.size(batch["input_ids"])), "real_tokens": int(np.sum(batch["segment_ids"] != 0)),
+          "supervised_tokens": int(np.sum(np.asarray(batch["labels"])[:, 1:] != IGNORE_ID))}
 
 
 def tensorboard_tag(name: str) -> str:

@@ -1,10 +1,12 @@
 """Runs a config's training stages in order: init or resume, the step loop, metrics, checkpoints.
 
 For each stage: finished (W/<stage>/FINISHED) -> skipped; a checkpoint in W/<stage>/ -> resumed exactly (state
-and data iterator; step k always uses fold_in(rng, k)); otherwise params come from `init_from`, else the previous
+and data iterator); otherwise params come from `init_from`, else the previous
 stage's final params (fresh optimizer state), else a fresh init for the first stage.
 
-Metrics: every log_every steps the means of the step metrics since the last log (vlm_jax/train/metrics.py); with
+Metrics: every log_every steps the means of the step metrics since the last log and the throughput
+(tokens_per_s counts padding, real_tokens_per_s does not, supervised_tokens_per_s counts what the loss scores;
+vlm_jax/train/metrics.py); with
 `eval_every` > 0, every eval_every steps also the evaluate.score of the current params on the first eval_limit
 records of eval_split (eval/accuracy/<type>, eval/blind_accuracy/<type>, eval/caption_f1, eval/questions).
 
@@ -14,6 +16,7 @@ processes agree on a step (`distributed.Preemption`), save it and return early; 
 """
 from __future__ import annotations
 
+import collections
 import json
 import time
 from typing import Any
@@ -35,7 +38,7 @@ from vlm_jax.model import vlm
 from vlm_jax.sharding import make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
 from vlm_jax.train import step as step_lib
-from vlm_jax.train.metrics import MetricsWriter
+from vlm_jax.train.metrics import MetricsWriter, token_counts
 
 
 def run(config: Config, workdir: str, *, stage: str | None = None) -> bool:
@@ -95,29 +98,29 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
     log(f"[{stage.name}] resumed from step {latest}.")
   else:
     params, source = initial_params(config, stage, workdir, mesh, previous, abstract["params"])
-    state = step_lib.init_state(params, tx, abstract, seed=config.seed)
+    state = step_lib.init_state(params, tx, abstract)
     log(f"[{stage.name}] starting from {source}.")
   train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
   start = int(jax.device_get(state["step"]))
-  pending, tokens, tick, preempted = [], 0, time.perf_counter(), False
+  pending, tokens, tick, preempted = [], collections.Counter(), time.perf_counter(), False
   bar = tqdm.tqdm(total=stage.steps, initial=start, desc=stage.name, disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   eval_records = evaluate.eval_records(config, stage.eval_split, stage.eval_limit) if stage.eval_every else None
   for step in range(start + 1, stage.steps + 1):
     host_batch = next(data)
-    tokens += _batch_tokens(host_batch) * jax.process_count()
+    tokens.update({kind: n * jax.process_count() for kind, n in token_counts(host_batch).items()})
     with step_lib.use_mesh(mesh):
       state, metrics = train_step(state, loader_lib.to_global(host_batch, mesh))
     pending.append(metrics)
     evaluating = eval_records is not None and step % stage.eval_every == 0
     if step % stage.log_every == 0 or step == stage.steps or evaluating:
-      values = _summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
+      values = summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
       if evaluating:  # outside use_mesh, like `vlm-jax eval`, so the scores equal its on this step's checkpoint
         results, _ = evaluate.score(Generator(config, state["params"], tokenizer), eval_records, progress=False)
         values.update(evaluate.as_metrics(results))
       writer.write(step, values)
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-      pending, tokens, tick = [], 0, time.perf_counter()
+      pending, tokens, tick = [], collections.Counter(), time.perf_counter()
     # Every process asks after every step (the sync service counts steps), then saves the agreed one.
     preempted = preemption is not None and preemption.reached(step)
     checkpoint.save(mngr, step, state, data, force=step == stage.steps or preempted)
@@ -141,14 +144,13 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
   return not preempted
 
 
-def _batch_tokens(batch: dict[str, np.ndarray]) -> int:
-  """Token positions the model reads in a host batch (text of contrastive batches)."""
-  return int(np.size(batch["input_ids"] if "input_ids" in batch else batch["text_ids"]))
-
-
-def _summarize(steps: list[dict[str, np.ndarray]], tokens: int, seconds: float) -> dict[str, float | np.ndarray]:
+def summarize(steps: list[dict[str, np.ndarray]], tokens: dict[str, int], seconds: float
+              ) -> dict[str, float | np.ndarray]:
   """Metrics of the steps since the last log: the mean of every step metric (element-wise for vectors such as
-  moe/expert_load [E]), but the last lr; throughput (tokens_per_s, step_time_s)."""
+  moe/expert_load [E]), but the last lr; throughput: `<kind>_per_s` for each kind of `tokens` (the summed
+  `metrics.token_counts` of the steps' batches: tokens_per_s, real_tokens_per_s, supervised_tokens_per_s) and
+  step_time_s."""
   values = {k: np.mean([np.asarray(m[k], np.float64) for m in steps], axis=0) for k in steps[0]}
   values["lr"] = np.asarray(steps[-1]["lr"])
-  return {**values, "tokens_per_s": tokens / seconds, "step_time_s": seconds / len(steps)}
+  throughput = {f"{kind}_per_s": n / seconds for kind, n in tokens.items()}
+  return {**values, **throughput, "step_time_s": seconds / len(steps)}

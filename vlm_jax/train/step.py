@@ -1,7 +1,8 @@
 """Jitted train / eval steps with explicit shardings, gradient accumulation and frozen params passed through.
 
-The train state is a plain dict {step int32 [], params, opt_state, rng uint32 [2]}. Its shardings come from the
-params' logical axis names (`vlm_jax.sharding`); optimizer moments take the sharding of their param. Call the
+The train state is a plain dict {step int32 [], params, opt_state}: no RNG, since nothing in the model draws
+random numbers while training (a feature that does brings its own key). Its shardings come from the params'
+logical axis names (`vlm_jax.sharding`); optimizer moments take the sharding of their param. Call the
 steps inside `use_mesh(mesh)` (the mesh and the logical axis rules the model's constraints read while tracing).
 
 Loss averaging: every micro-batch contributes (loss_sum, weight) and gradients of loss_sum; the step divides the
@@ -54,8 +55,7 @@ def abstract_state(config: Config, stage: StageConfig, mesh: Mesh,
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
           "params": jax.tree.map(with_sharding, shapes, p_shardings),
-          "opt_state": jax.tree.map(with_sharding, opt_shapes, opt_shardings),
-          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))}
+          "opt_state": jax.tree.map(with_sharding, opt_shapes, opt_shardings)}
 
 
 def _like_params(tree: Any, param_shapes: Any, param_shardings: Any, default: NamedSharding) -> Any:
@@ -88,16 +88,15 @@ def init_params(config: Config, mesh: Mesh, rng: jax.Array) -> Any:
     return jax.jit(lambda r: vlm.init_params(config.model, r), out_shardings=p_shardings)(rng)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, abstract: State, seed: int) -> State:
-  """A stage's step-0 state: `params` (already sharded), fresh optimizer state, rng from `seed`."""
+def init_state(params: Any, tx: optax.GradientTransformation, abstract: State) -> State:
+  """A stage's step-0 state: `params` (already sharded) and fresh optimizer state."""
   opt_state = jax.jit(tx.init, out_shardings=shardings_of(abstract["opt_state"]))(params)
-  put = lambda x, a: jax.device_put(x, a.sharding)
-  return {"step": put(jnp.zeros((), jnp.int32), abstract["step"]), "params": params, "opt_state": opt_state,
-          "rng": put(jax.random.PRNGKey(seed), abstract["rng"])}
+  step = jax.device_put(jnp.zeros((), jnp.int32), abstract["step"].sharding)
+  return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array],
-                rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array]
+                ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
   """-> (loss_sum, aux_sum, weight, moe_metrics) of one micro-batch: loss_sum, aux_sum, weight f32 [], mean loss =
   loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
   over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder)."""
@@ -108,7 +107,7 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
     flat = lambda key: jnp.concatenate([batch[f"text_{key}"]] + ([batch[f"negative_text_{key}"].reshape(
         b * k, -1)] if k else []))
     image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], flat("ids"), flat("mask"),
-                                           method=vlm.VLM.contrastive_embeddings, rngs={"dropout": rng})
+                                           method=vlm.VLM.contrastive_embeddings)
     text, negatives = text[:b], (text[b:].reshape(b, k, *text.shape[1:]) if k else None)
     masks = dict(negative_valid=batch.get("negative_valid"), text_mask=batch["text_mask"],
                  negative_mask=negative_mask)
@@ -118,7 +117,7 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
       loss = losses.clip_loss(image, text, scale, negatives, **masks)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
     return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
-  out = model.apply({"params": params}, batch, rngs={"dropout": rng})
+  out = model.apply({"params": params}, batch)
   loss_sum, count = losses.token_cross_entropy(out["logits"], batch["labels"])
   weight = count.astype(jnp.float32)
   aux_sum = jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight
@@ -168,7 +167,7 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
-                     batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
+                     batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
   """-> (loss_sum, aux_sum, weight, grads), the first three summed over stage.grad_accum micro-batches
   (lax.scan), grads = d(loss_sum + aux_sum) / d trainable / max(weight, 1): the gradient of the mean; and the MoE
   metrics averaged over the micro-batches ({} for a dense decoder). Divide the sums by the weight to get means.
@@ -180,25 +179,24 @@ def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: 
   """
   scale = 1.0 / jnp.maximum(batch_weight(stage, batch), 1.0)  # no supervised tokens: zero grads, not NaN
 
-  def objective(t, micro, micro_rng):
-    loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro, micro_rng)
+  def objective(t, micro):
+    loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro)
     return (loss_sum + aux_sum) * scale, (loss_sum, aux_sum, weight, moe_metrics)
 
-  def grads_of(micro, micro_rng):
+  def grads_of(micro):
     (_, (loss_sum, aux_sum, weight, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-        trainable, micro, micro_rng)
+        trainable, micro)
     return loss_sum, aux_sum, weight, grads, moe_metrics
 
   if stage.grad_accum == 1:
-    return grads_of(batch, rng)
+    return grads_of(batch)
 
-  def body(carry, xs):
-    micro, index = xs
-    return jax.tree.map(jnp.add, carry, grads_of(micro, jax.random.fold_in(rng, index))), None
+  def body(carry, micro):
+    return jax.tree.map(jnp.add, carry, grads_of(micro)), None
   micro_batches = _micro_batches(batch, stage.grad_accum, mesh)
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_of, first, rng))
-  *sums, moe_sums = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(stage.grad_accum)))[0]
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_of, first))
+  *sums, moe_sums = jax.lax.scan(body, zeros, micro_batches)[0]
   return (*sums, jax.tree.map(lambda x: x / stage.grad_accum, moe_sums))
 
 
@@ -220,10 +218,8 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
   lr_schedule = optimizer_lib.schedule(stage)
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-    rng = jax.random.fold_in(state["rng"], state["step"])
     trainable, frozen = split_trainable(state["params"], labels)
-    loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch,
-                                                                     rng)
+    loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch)
     denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss, not NaN
     full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
@@ -234,7 +230,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
     metrics = {"loss": loss_sum / denominator, "aux_loss": aux_sum / denominator, "grad_norm": optax.global_norm(grads),
                "lr": jnp.asarray(lr_schedule(state["step"]), jnp.float32), "num_tokens": weight,
                **{f"moe/{name}": value for name, value in moe_metrics.items()}}
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     return new_state, metrics
 
   state_shardings = shardings_of(abstract)
@@ -245,7 +241,7 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
 def make_eval_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, abstract: State) -> Callable[[Any, dict], dict]:
   """A jitted `(params, batch) -> {"loss", "num_tokens"}` (mean over supervised tokens). Call inside use_mesh."""
   def eval_step(params, batch):
-    loss_sum, _, weight, _ = _loss_terms(model, stage, params, batch, jax.random.PRNGKey(0))
+    loss_sum, _, weight, _ = _loss_terms(model, stage, params, batch)
     return {"loss": loss_sum / jnp.maximum(weight, 1.0), "num_tokens": weight}
   return jax.jit(eval_step, in_shardings=(shardings_of(abstract["params"]), data_sharding(mesh, 1)),
                  out_shardings=replicated(mesh))
