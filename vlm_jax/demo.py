@@ -37,8 +37,9 @@ def run_demo(config: str, workdir: str, overrides: list[str] | tuple[str, ...] =
   """Runs the whole recipe; returns the evaluation results dict (also in W/eval/results.json)."""
   cfg = config_lib.load(config, overrides)
   start = time.time()
-  _banner(f"1/5 prepare data ({', '.join(n for s in cfg.train.stages for n, _ in s.datasets)})")
-  for name in sorted({n for s in cfg.train.stages for n, _ in s.datasets}):
+  names = sorted({n for s in cfg.train.stages for n, _ in s.datasets})
+  _banner(f"1/5 prepare data ({', '.join(names)})")
+  for name in names:
     print(datasets.prepare(name, cfg.data.data_dir), flush=True)
 
   _banner(f"2/5 train stages: {' -> '.join(s.name for s in cfg.train.stages)}")
