@@ -35,7 +35,8 @@ from vlm_jax.inputs import chat, images
 from vlm_jax.inputs.tokenizer import IM_END, IM_START, Tokenizer
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+          "'<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=8)
 FLOAT32 = ["model.dtype=float32"]
@@ -246,6 +247,11 @@ def test_a_tower_given_for_the_other_is_an_error_naming_the_file(siglip_dir, lm_
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert "'llama'" in err and "SiglipVisionModel" in err and str(lm_dir[1] / "config.json") in err
+  (tmp_path / "qwen2").mkdir()
+  (tmp_path / "qwen2" / "config.json").write_text(json.dumps({"model_type": "qwen2",
+                                                              "architectures": ["Qwen2ForCausalLM"]}))
+  with pytest.raises(InputError, match=r"qwen2/config.json: model_type 'qwen2' .* \(Qwen2 has q/k/v biases"):
+    init.init("smolvlm_256m", tmp_path / "w", siglip_dir[1], tmp_path / "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +285,8 @@ def test_import_export_round_trip_keeps_vocabulary_and_template(llava_own_vocab,
   fast = transformers.AutoTokenizer.from_pretrained(out)
   assert len(fast) == vocab and fast.chat_template == template
   assert fast.convert_tokens_to_ids(IM_START) is None or fast.convert_tokens_to_ids(IM_START) == fast.unk_token_id
-  assert json.loads((out / "config.json").read_text())["image_token_index"] == model.config.image_token_index == vocab - 1
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["image_token_index"] == model.config.image_token_index == vocab - 1
 
 
 RUN_CONFIG = '''

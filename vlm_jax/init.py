@@ -79,7 +79,7 @@ def towers(config: Config, vision_dir: str | os.PathLike, decoder_dir: str | os.
   decoder = load.llama_config(decoder_dir)
   for key in DECODER_KEYS:
     put(f"model.decoder.{key}", getattr(decoder, key), decoder_dir / "config.json")
-  tok = Tokenizer.load(decoder_dir / "tokenizer.json")
+  tok = load.read_tokenizer(decoder_dir)
   # The pipeline renders ChatML whatever the LM's own template is (module docstring).
   needed = hf_tokens.needed_tokens(None, config.model.projector.kind, config.data.image_splitting)
   added = hf_tokens.missing_tokens(tok, needed)

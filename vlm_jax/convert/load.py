@@ -141,13 +141,13 @@ def grow_vocab(flat: dict[str, np.ndarray], decoder: DecoderConfig, vocab_size: 
   return flat
 
 
-def _tokenizer(hf_dir: epath.Path, needed: list[str]) -> Tokenizer:
+def read_tokenizer(hf_dir: str | os.PathLike, needed: list[str] | tuple[str, ...] = ()) -> Tokenizer:
   """The directory's tokenizer.json (HF's own, preferred over a tokenizer.model beside it) + missing `needed`."""
-  path = hf_dir / "tokenizer.json"
+  path = epath.Path(hf_dir) / "tokenizer.json"
   if not path.exists():
     raise FileNotFoundError(f"{hf_dir} has no tokenizer.json; save the model's fast tokenizer there first.")
   tok = Tokenizer.load(path)
-  tok.add_special_tokens(needed)
+  tok.add_special_tokens(list(needed))
   return tok
 
 
@@ -182,7 +182,7 @@ def load_hf(hf_dir: str | os.PathLike, *, scan_layers: bool = True) -> tuple[Mod
   ckpt = Checkpoint(hf_dir, family)
   tied = cfg.decoder.tie_embeddings
   flat = ckpt.read(hf_names.model_entries(cfg), allow_unused=lambda k: tied and k == "lm_head.weight")
-  tok = _tokenizer(hf_dir, hf_needed_tokens(hf_dir))
+  tok = read_tokenizer(hf_dir, hf_needed_tokens(hf_dir))
   if tok.image_id != cfg.image_token_id:
     raise hf_config.ConversionError(f"{hf_dir}: the tokenizer's {IMAGE_TOKEN} id is {tok.image_id} but the config's "
                                     f"image token id is {cfg.image_token_id}.")
@@ -266,7 +266,7 @@ def load_llama(hf_dir: str | os.PathLike, *, scan_layers: bool = True,
   tied = decoder.tie_embeddings
   flat = Checkpoint(hf_dir, "llama").read(hf_names.decoder_entries(decoder, "model.", "lm_head.weight"),
                                           allow_unused=lambda k: tied and k == "lm_head.weight")
-  tok = _tokenizer(hf_dir, list(add_tokens))
+  tok = read_tokenizer(hf_dir, add_tokens)
   flat, decoder = _with_tokenizer(flat, decoder, tok)
   return decoder, hf_names.unflatten(flat, scan_layers)["decoder"], tok
 
@@ -297,8 +297,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, scan_lay
   W/config.json. Train from it with `train.stages.<first>.init_from=W`. Logs each special token it had to add."""
   from vlm_jax import checkpoint
   hf_dir, workdir = epath.Path(hf_dir), checkpoint.absolute(workdir)
-  added = hf_tokens.missing_tokens(Tokenizer.load(hf_dir / "tokenizer.json"), hf_needed_tokens(hf_dir))
   model, params, tok = load_hf(hf_dir, scan_layers=scan_layers)
+  added = hf_tokens.missing_tokens(read_tokenizer(hf_dir), hf_needed_tokens(hf_dir))
   if added:
     log(hf_tokens.added_message(added, tok))
   processor = _image_processor_config(hf_dir)
