@@ -1,5 +1,5 @@
-"""A damaged input file (truncated JSON, tokenizer, config.json, image) ends each command in the CLI's one-line
-bad-input error, exit 2, naming the file and where in it reading stopped."""
+"""A damaged input file (truncated JSON, tokenizer, config.json, image, parquet) ends each command in the CLI's
+one-line bad-input error, exit 2, naming the file and where in it reading stopped."""
 import io
 
 import numpy as np
@@ -105,3 +105,16 @@ def test_truncated_image(tmp_path, capsys, fmt, why):
                 "generate")
   assert f"{path}: cannot read this image of {len(data)} bytes (OSError: {why}" in line
   assert "give a complete image file" in line
+
+
+def test_truncated_parquet(tmp_path, capsys):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "data" / "train-00000-of-00001.parquet"
+  path.parent.mkdir()
+  pq.write_table(pa.table({"question": ["what colour?"] * 20, "answer": ["red"] * 20}), path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])  # the footer (schema, row groups) is at the end: gone
+  line = _fails(capsys, ["data", "prepare", "hf_parquet", "--data-dir", str(tmp_path / "d"), "--parquet", str(path),
+                         "--format", "vqa"], "data prepare")
+  assert f"{path}: cannot read this parquet file (ArrowInvalid: Parquet magic bytes not found in footer." in line
