@@ -85,6 +85,7 @@ def towers(config: Config, vision_dir: str | os.PathLike, decoder_dir: str | os.
   added = hf_tokens.missing_tokens(tok, needed)
   tok.add_special_tokens(needed)
   tokenizer_file = decoder_dir / "tokenizer.json"
+  # The embedding grows to the tokenizer (a checkpoint's padded rows, more than its tokens, stay).
   put("model.decoder.vocab_size", max(decoder.vocab_size, tok.vocab_size), tokenizer_file)
   put("model.image_token_id", tok.image_id, tokenizer_file)
   for key, value in (("kind", "hf"), ("path", tokenizer_path), ("vocab_size", tok.vocab_size)):
