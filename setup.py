@@ -31,7 +31,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
-        "torch": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0"],
+        "torch": ["torch==2.13.0", "transformers==5.23.0", "safetensors==0.8.0", "peft==0.21.2"],
         "tpu": ["jax[tpu]==0.10.2"],
         # `vlm-jax serve`; openai and selenium are the serve tests' clients (selenium drives Debian's chromium).
         "serve": ["starlette==1.10.0", "uvicorn==0.54.0", "openai==3.51.0", "selenium==4.51.0"],

@@ -46,22 +46,20 @@ def losses_by_step(workdir, stage):
   return {r["step"]: r["loss"] for r in records}
 
 
-def train_cli(workdir, data_dir, log):
+def train_cli(workdir, data_dir, log, overrides=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/vlm_jax/jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir), "--stage",
-         "align", "--set", f"data.data_dir={data_dir}"]
+         "align", "--set", f"data.data_dir={data_dir}", *overrides]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_sigkill_then_restart_reproduces_every_step_loss(uninterrupted, shapes_data_dir, tmp_path):  # noqa: F811
-  cfg, reference_dir = uninterrupted
-  reference = losses_by_step(reference_dir, "align")
-  assert sorted(reference) == list(range(1, 31))
-  workdir = tmp_path / "killed"
+def kill_then_restart(workdir, data_dir, tmp_path, overrides=()):
+  """Trains align in a subprocess, SIGKILLs it once step 7 is logged, restarts it to the end. -> (killed at step,
+  the step the restart resumed from)."""
   with open(tmp_path / "first.log", "wb") as log:
-    proc = train_cli(workdir, shapes_data_dir, log)
+    proc = train_cli(workdir, data_dir, log, overrides)
     try:
       deadline = time.time() + 240
       while time.time() < deadline and proc.poll() is None:
@@ -80,11 +78,20 @@ def test_sigkill_then_restart_reproduces_every_step_loss(uninterrupted, shapes_d
   assert 7 <= killed_at < 30, killed_at
   assert checkpoint.finished_step(workdir, "align") is None
   with open(tmp_path / "second.log", "wb") as log:
-    proc = train_cli(workdir, shapes_data_dir, log)
+    proc = train_cli(workdir, data_dir, log, overrides)
     assert proc.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()[-3000:]
   out = (tmp_path / "second.log").read_text()
   resumed = int(out.split("[align] resumed from step ")[1].split(".")[0])
   assert 2 <= resumed <= killed_at and resumed % 2 == 0
+  return killed_at, resumed
+
+
+def test_sigkill_then_restart_reproduces_every_step_loss(uninterrupted, shapes_data_dir, tmp_path):  # noqa: F811
+  cfg, reference_dir = uninterrupted
+  reference = losses_by_step(reference_dir, "align")
+  assert sorted(reference) == list(range(1, 31))
+  workdir = tmp_path / "killed"
+  kill_then_restart(workdir, shapes_data_dir, tmp_path)
   got = losses_by_step(workdir, "align")
   assert sorted(got) == list(range(1, 31))
   diff = max(abs(got[s] - reference[s]) for s in reference)

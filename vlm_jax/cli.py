@@ -102,7 +102,8 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
   from vlm_jax.convert import export  # pylint: disable=import-outside-toplevel
-  out = export.export_workdir(args.workdir, args.out, stage=args.stage, dtype=args.dtype, fmt=args.format)
+  part = "adapter" if args.adapter else "base" if args.base else "merged"
+  out = export.export_workdir(args.workdir, args.out, stage=args.stage, dtype=args.dtype, fmt=args.format, part=part)
   print(f"exported to {out}")
   return 0
 
@@ -234,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", default="hf", choices=("hf", "torch"),
                  help="hf: transformers directory with processor; torch: plain state_dict + name map "
                  "(default: %(default)s)")
+  lora_part = p.add_mutually_exclusive_group()  # a LoRA stage exports merged unless one of these is given
+  lora_part.add_argument("--adapter", action="store_true",
+                         help="LoRA stage: write its adapters as a PEFT directory (adapter_config.json, "
+                         "adapter_model.safetensors) for peft.PeftModel.from_pretrained(base, OUT)")
+  lora_part.add_argument("--base", action="store_true",
+                         help="LoRA stage: write the model without its adapters (the base the --adapter export "
+                         "applies to)")
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("import-hf", help="turn a transformers LLaVA / Idefics3 directory into a vlm_jax workdir")

@@ -216,6 +216,22 @@ class DataConfig:
   num_shards: int = 0
 
 
+# The decoder's attention and MLP kernels (dense or MoE experts), scanned (`layers`) or not (`layers_<i>`).
+LORA_DECODER = r"decoder/layers(_\d+)?/(attn/[qkvo]_proj/kernel|mlp/(gate|up|down)/kernel|moe/experts/(gate_up|down))"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters of a stage (vlm_jax/model/lora.py): kernel W -> W + alpha / rank * A @ B, only A and B train.
+  `targets` regexes fully match '/'-joined kernel paths (as `trainable` does); the targeted kernels stay frozen
+  whatever `trainable` says. merge_at_end: the next stage gets W + alpha / rank * A @ B as its base (else it
+  continues these adapters when its lora config is the same, and merges them otherwise)."""
+  rank: int = 0  # 0: no adapters
+  alpha: float = 16.0
+  targets: tuple[str, ...] = (LORA_DECODER,)
+  merge_at_end: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
   """One training stage. `trainable` regexes match '/'-joined param paths; the rest is frozen."""
@@ -249,6 +265,7 @@ class StageConfig:
   eval_every: int = 0
   eval_split: str = "validation"
   eval_limit: int = 32
+  lora: LoraConfig = LoraConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +353,10 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"train.stages.{s.name}: lr, warmup_steps, weight_decay and grad_clip must be >= 0 (got "
                         f"lr={s.lr}, warmup_steps={s.warmup_steps}, weight_decay={s.weight_decay}, "
                         f"grad_clip={s.grad_clip}).")
+    if s.lora.rank < 0 or (s.lora.rank and (s.lora.alpha <= 0 or not s.lora.targets)):
+      raise ConfigError(f"train.stages.{s.name}.lora: need rank >= 0 (0: off) and, with adapters, alpha > 0 and at "
+                        f"least one targets regex (got rank={s.lora.rank}, alpha={s.lora.alpha}, "
+                        f"targets={s.lora.targets}).")
     if s.eval_every < 0 or (s.eval_every and s.eval_limit <= 0):
       raise ConfigError(f"train.stages.{s.name}: need eval_every >= 0 (0: no evaluation while training) and "
                         f"eval_limit > 0 records when evaluating (got eval_every={s.eval_every}, "

@@ -16,6 +16,7 @@ from vlm_jax import checkpoint, sharding
 from vlm_jax.config import Config, from_dict, validate
 from vlm_jax.inputs import files
 from vlm_jax.inputs.tokenizer import Tokenizer
+from vlm_jax.model import lora
 from vlm_jax.model.vlm import abstract_params
 
 CONFIG_FILE = "config.json"
@@ -43,9 +44,10 @@ def last_finished_stage(workdir: str | epath.PathLike, config: Config) -> str:
 
 
 def load(workdir: str | epath.PathLike, stage: str | None = None,
-         mesh: Mesh | None = None) -> tuple[Config, Any, Tokenizer]:
+         mesh: Mesh | None = None, merge: bool = True) -> tuple[Config, Any, Tokenizer]:
   """(config, params, tokenizer) of a workdir; params of `stage` (default: the last finished stage), placed
-  on `mesh` (default: the config's mesh over all devices) by the logical axis rules."""
+  on `mesh` (default: the config's mesh over all devices) by the logical axis rules. A LoRA stage's adapters
+  are merged into the params, or with merge=False kept under params['lora'] (vlm_jax/model/lora.py)."""
   config = read_config(workdir)
   tokenizer_dir = epath.Path(workdir).expanduser() / TOKENIZER_DIR
   if not tokenizer_dir.exists():
@@ -57,6 +59,9 @@ def load(workdir: str | epath.PathLike, stage: str | None = None,
     config.train.stage(stage)  # an unknown name raises ConfigError naming the close matches
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   shapes, logical = abstract_params(config.model)
+  lora_config = config.train.stage(stage).lora
+  shapes, logical = lora.with_abstract(shapes, logical, lora_config)
   shardings = sharding.logical_shardings(logical, mesh)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-  return config, checkpoint.final_params(workdir, stage, target), tokenizer
+  params = checkpoint.final_params(workdir, stage, target)
+  return config, lora.merged(params, lora_config) if merge else params, tokenizer

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -226,14 +227,29 @@ def eos_ids(tokenizer: Tokenizer) -> list[int]:
 
 
 def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, stage: str | None = None,
-                   dtype: str = "float32", fmt: str = "hf") -> pathlib.Path:
-  """Exports the params of `stage` (default: the last finished one) of a vlm_jax workdir."""
+                   dtype: str = "float32", fmt: str = "hf", part: str = "merged") -> pathlib.Path:
+  """Exports the params of `stage` (default: the last finished one) of a vlm_jax workdir. part (LoRA stages):
+  merged (the adapters folded into the model), adapter (a PEFT adapter directory, vlm_jax/convert/peft.py, with
+  the stage's fully trained params as modules_to_save) or base (the model without its adapters)."""
   import jax
   from vlm_jax import sharding, workdir as workdir_lib
-  from vlm_jax.config import MeshConfig
+  from vlm_jax.config import InputError, MeshConfig
+  from vlm_jax.model import lora
   mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])  # gathered on one device of this host
-  config, params, _ = workdir_lib.load(workdir, stage, mesh=mesh)
+  config, params, _ = workdir_lib.load(workdir, stage, mesh=mesh, merge=part == "merged")
   params = jax.tree.map(np.asarray, params)
+  if part != "merged":
+    stage_config = config.train.stage(stage or workdir_lib.last_finished_stage(workdir, config))
+    params, adapters = lora.split(params)
+    if adapters is None:
+      raise InputError(f"Stage {stage_config.name!r} of {workdir} has no LoRA adapters (lora.rank=0): export it "
+                       "without --adapter / --base.")
+    if part == "adapter":
+      from vlm_jax.convert import peft
+      trained = lora.trained_in_full(params, stage_config.trainable, stage_config.lora)
+      stacked = (lambda p: re.sub(r"/layers_\d+/", "/layers/", p)) if config.model.scan_layers else (lambda p: p)
+      full = {p: x for p, x in hf_names.flatten(params).items() if stacked(p) in trained}
+      return peft.save_adapter(out_dir, adapters, stage_config.lora, config.model, full)
   return export(params, config.model, epath.Path(workdir) / workdir_lib.TOKENIZER_DIR, out_dir, dtype=dtype,
                 fmt=fmt, data=config.data)
 

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import optax
 
-from vlm_jax.config import ConfigError, StageConfig
+from vlm_jax.config import ConfigError, LoraConfig, StageConfig
+from vlm_jax.model import lora as lora_lib
 
 TRAIN, FROZEN = "train", "frozen"
 
@@ -25,18 +26,21 @@ def param_paths(params: Any) -> Any:
 
 def trainable_labels(params: Any, stage: StageConfig) -> Any:
   """Pytree of "train" / "frozen": a param trains when its path fully matches one of `stage.trainable`.
+  With LoRA (params holding adapters under `lora`): the adapters train and the kernels they adapt are frozen.
 
   A regex that matches no param is a config error (it names the regex and the top-level paths), so a typo
   cannot silently freeze the whole model.
   """
-  paths = jax.tree.leaves(param_paths(params))
+  base, adapters = lora_lib.split(params)
+  paths = jax.tree.leaves(param_paths(base))
   for pattern in stage.trainable:
     if not any(re.fullmatch(pattern, p) for p in paths):
       tops = sorted({p.split("/")[0] for p in paths})
       raise ConfigError(f"train.stages.{stage.name}.trainable: {pattern!r} matches no param. Params start with "
                         f"{tops}, e.g. {paths[0]!r}; patterns must match the whole path, e.g. 'projector/.*'.")
-  return jax.tree.map(lambda p: TRAIN if any(re.fullmatch(r, p) for r in stage.trainable) else FROZEN,
-                      param_paths(params))
+  full = lora_lib.trained_in_full(base, stage.trainable, stage.lora if adapters is not None else LoraConfig())
+  label = lambda p: TRAIN if p in full or p.startswith(f"{lora_lib.KEY}/") else FROZEN
+  return jax.tree.map(label, param_paths(params))
 
 
 def schedule(stage: StageConfig) -> optax.Schedule:
@@ -48,9 +52,10 @@ def schedule(stage: StageConfig) -> optax.Schedule:
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for matmul weights (kernels, MoE expert matrices): norms, biases, embedding tables, position embeddings,
-  CLS tokens and scalars (all other leaf names, or 1-D) are not decayed."""
-  return jax.tree.map(lambda p, x: _is_matmul_weight(p, x.shape), param_paths(params), params)
+  """True for matmul weights (kernels, MoE expert matrices) and LoRA factors: norms, biases, embedding tables,
+  position embeddings, CLS tokens and scalars (all other leaf names, or 1-D) are not decayed."""
+  return jax.tree.map(lambda p, x: _is_matmul_weight(p, x.shape) or (
+      p.split("/")[-1] in ("lora_a", "lora_b") and len(x.shape) >= 2), param_paths(params), params)
 
 
 def _is_matmul_weight(path: str, shape: tuple[int, ...]) -> bool:
@@ -70,9 +75,10 @@ def lr_multipliers(params: Any, stage: StageConfig) -> Any:
   return jax.tree.map(multiplier, param_paths(params))
 
 
-def _scale_by_tree(factors: Any) -> optax.GradientTransformation:
+def _scale_by_tree(stage: StageConfig) -> optax.GradientTransformation:
   """Multiplies each update by its own constant factor (per-module learning rates)."""
-  return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, f: u * f, updates, factors))
+  return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, f: u * f, updates,
+                                                                   lr_multipliers(updates, stage)))
 
 
 def make_optimizer(stage: StageConfig, params: Any) -> optax.GradientTransformation:
@@ -81,12 +87,13 @@ def make_optimizer(stage: StageConfig, params: Any) -> optax.GradientTransformat
   train: clip_by_global_norm(grad_clip) (the norm over trainable grads) -> AdamW(schedule, b1, b2,
   weight_decay on kernels); frozen: set_to_zero (no state). lr_multipliers scale the final updates.
   """
-  labels = trainable_labels(params, stage)
+  trainable_labels(params, stage)  # config errors now, not at the first update
+  labels = lambda tree: trainable_labels(tree, stage)  # any tree: with or without the stage's adapters
   train = optax.chain(
       optax.clip_by_global_norm(stage.grad_clip),
       optax.adamw(schedule(stage), b1=stage.b1, b2=stage.b2, weight_decay=stage.weight_decay,
                   mask=weight_decay_mask))
   tx = optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels)
   if stage.lr_multipliers:
-    tx = optax.chain(tx, _scale_by_tree(lr_multipliers(params, stage)))
+    tx = optax.chain(tx, _scale_by_tree(stage))
   return tx

@@ -29,11 +29,13 @@ from etils import epath
 from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
 from vlm_jax import distributed, evaluate
+from vlm_jax import workdir as workdir_lib
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.generate import Generator
 from vlm_jax.inputs import loader as loader_lib
 from vlm_jax.inputs import shards
 from vlm_jax.inputs.tokenizer import load_tokenizer
+from vlm_jax.model import lora as lora_lib
 from vlm_jax.model import vlm
 from vlm_jax.sharding import make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
@@ -62,15 +64,23 @@ def run(config: Config, workdir: str, *, stage: str | None = None) -> bool:
   return True
 
 
-def initial_params(config: Config, stage: StageConfig, workdir: str, mesh, previous: str | None,
-                   target: Any) -> tuple[Any, str]:
-  """A new stage's starting params (sharded like `target`) and where they came from."""
+def initial_params(config: Config, stage: StageConfig, workdir: str, mesh, previous: str | None) -> tuple[Any, str]:
+  """A new stage's starting params (on its param shardings, with its adapters if it has LoRA) and where they came
+  from. A source stage's adapters are merged or handed on (`step.stage_params`)."""
   if stage.init_from:
     source_workdir, source_stage = checkpoint.resolve_init_from(stage.init_from)
-    return checkpoint.final_params(source_workdir, source_stage, target), f"{source_workdir}/{source_stage}"
-  if previous is not None:
-    return checkpoint.final_params(workdir, previous, target), f"stage {previous!r}"
-  return step_lib.init_params(config, mesh, jax.random.PRNGKey(config.seed)), f"fresh init (seed {config.seed})"
+    source = f"{source_workdir}/{source_stage}"
+    source_lora = workdir_lib.read_config(source_workdir).train.stage(source_stage).lora
+  elif previous is not None:
+    source_workdir, source_stage, source = workdir, previous, f"stage {previous!r}"
+    source_lora = config.train.stage(previous).lora
+  else:
+    params = step_lib.init_params(config, mesh, jax.random.PRNGKey(config.seed))
+    return step_lib.stage_params(params, config, stage, mesh), f"fresh init (seed {config.seed})"
+  shapes, shardings = step_lib.param_shardings(config, mesh, source_lora)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  params = checkpoint.final_params(source_workdir, source_stage, target)
+  return step_lib.stage_params(params, config, stage, mesh, source_lora), source
 
 
 def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer, previous: str | None,
@@ -97,7 +107,7 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
     writer.resume_from(latest)
     log(f"[{stage.name}] resumed from step {latest}.")
   else:
-    params, source = initial_params(config, stage, workdir, mesh, previous, abstract["params"])
+    params, source = initial_params(config, stage, workdir, mesh, previous)
     state = step_lib.init_state(params, tx, abstract)
     log(f"[{stage.name}] starting from {source}.")
   train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
@@ -116,7 +126,8 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
     if step % stage.log_every == 0 or step == stage.steps or evaluating:
       values = summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
       if evaluating:  # outside use_mesh, like `vlm-jax eval`, so the scores equal its on this step's checkpoint
-        results, _ = evaluate.score(Generator(config, state["params"], tokenizer), eval_records, progress=False)
+        params = lora_lib.merged(state["params"], stage.lora)
+        results, _ = evaluate.score(Generator(config, params, tokenizer), eval_records, progress=False)
         values.update(evaluate.as_metrics(results))
       writer.write(step, values)
       bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")

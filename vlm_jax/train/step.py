@@ -25,12 +25,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import losses
-from vlm_jax.config import Config, StageConfig
+from vlm_jax.config import Config, LoraConfig, StageConfig
+from vlm_jax.model import lora as lora_lib
 from vlm_jax.model import vlm
 from vlm_jax.sharding import LOGICAL_AXIS_RULES, data_sharding, logical_shardings, replicated
 from vlm_jax.train import optimizer as optimizer_lib
 
 State = dict[str, Any]
+LORA_INIT_SEED = 0x4C6F5241  # fold_in constant: the adapters' init key, apart from the model's
 
 
 @contextlib.contextmanager
@@ -40,16 +42,19 @@ def use_mesh(mesh: Mesh) -> Iterator[None]:
     yield
 
 
-def param_shardings(config: Config, mesh: Mesh) -> tuple[Any, Any]:
-  """(ShapeDtypeStruct tree of the params, NamedSharding tree) from the model's logical axis names."""
+def param_shardings(config: Config, mesh: Mesh, lora: LoraConfig | None = None) -> tuple[Any, Any]:
+  """(ShapeDtypeStruct tree of the params, NamedSharding tree) from the model's logical axis names; with a `lora`
+  config of rank > 0 the tree holds its adapters under `lora` (vlm_jax/model/lora.py)."""
   shapes, logical = vlm.abstract_params(config.model)
+  if lora is not None:
+    shapes, logical = lora_lib.with_abstract(shapes, logical, lora)
   return shapes, logical_shardings(logical, mesh)
 
 
 def abstract_state(config: Config, stage: StageConfig, mesh: Mesh,
                    tx: optax.GradientTransformation) -> State:
   """The train state as ShapeDtypeStructs carrying their shardings (the restore target and jit in/out spec)."""
-  shapes, p_shardings = param_shardings(config, mesh)
+  shapes, p_shardings = param_shardings(config, mesh, stage.lora)
   opt_shapes = jax.eval_shape(tx.init, shapes)
   opt_shardings = _like_params(opt_shapes, shapes, p_shardings, replicated(mesh))
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
@@ -88,6 +93,28 @@ def init_params(config: Config, mesh: Mesh, rng: jax.Array) -> Any:
     return jax.jit(lambda r: vlm.init_params(config.model, r), out_shardings=p_shardings)(rng)
 
 
+def stage_params(params: Any, config: Config, stage: StageConfig, mesh: Mesh,
+                 source: LoraConfig | None = None) -> Any:
+  """A stage's starting params from a previous stage's (or a fresh init's) `params`, whose adapters (if any)
+  follow the `source` lora config: they are merged into the base when the source says merge_at_end or this
+  stage's lora config differs, else handed on; a stage with LoRA and no handed-on adapters gets fresh ones
+  (keyed by config.seed, apart from the model's init). Placed on the stage's param shardings."""
+  base, adapters = lora_lib.split(params)
+  shapes, shardings = param_shardings(config, mesh, stage.lora)
+  base_shardings = lora_lib.split(shardings)[0]
+  if adapters is not None and (source.merge_at_end or source != stage.lora):
+    base = jax.jit(lambda b, a: lora_lib.merge(b, a, source), out_shardings=base_shardings,
+                   donate_argnums=0)(base, adapters)
+    adapters = None
+  if not stage.lora.rank:
+    return base
+  if adapters is None:
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), LORA_INIT_SEED)
+    adapters = jax.jit(lambda: lora_lib.init(lora_lib.split(shapes)[0], stage.lora, rng),
+                       out_shardings=shardings[lora_lib.KEY])()
+  return {**base, lora_lib.KEY: adapters}
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, abstract: State) -> State:
   """A stage's step-0 state: `params` (already sharded) and fresh optimizer state."""
   opt_state = jax.jit(tx.init, out_shardings=shardings_of(abstract["opt_state"]))(params)
@@ -99,7 +126,11 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
                 ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
   """-> (loss_sum, aux_sum, weight, moe_metrics) of one micro-batch: loss_sum, aux_sum, weight f32 [], mean loss =
   loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
-  over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder)."""
+  over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder).
+  Adapters under params['lora'] are folded into their kernels first, in the compute dtype."""
+  params, adapters = lora_lib.split(params)
+  if adapters is not None:
+    params = lora_lib.apply(params, adapters, stage.lora, model.config.dtype)
   if stage.loss == "contrastive":
     b, k = batch["text_ids"].shape[0], model.config.contrastive.hard_negatives
     negative_mask = batch["negative_text_mask"] if k else None
