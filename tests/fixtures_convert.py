@@ -133,7 +133,6 @@ def assert_logits_and_greedy_match_hf(model, cfg, params, prompt_ids, pixel_valu
   tiles = np.moveaxis(pixel_values, -3, -1)
   logits, tokens = ours_greedy(cfg, params, prompt_ids, tiles if tiles.ndim == 5 else tiles[:, None])
   np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0, err_msg=name)
-  print(f"{name} max|diff|={np.abs(logits - hf_logits).max():.2e}")
   assert np.abs(hf_logits).max() > 0.1  # the comparison is not between near-zero logits
   np.testing.assert_array_equal(tokens, hf_tokens)
 

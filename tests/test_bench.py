@@ -59,7 +59,25 @@ def test_throughput_and_mfu_follow_from_the_recorded_numbers(results):
   assert g["prefill_tokens_per_s"] == g["prompt_tokens"] / g["prefill_s"]
 
 
-def test_flops_are_vlm_jax_flops(results):
+def test_flops_are_a_hand_count(results):
+  """The JSON's FLOPs per step, counted here by hand for TINY (2 m k n per matmul, per row of 32 tokens and one
+  32 px tile): the ViT is frozen (forward only), the projector trains its weight (no input gradient: nothing
+  upstream trains), the decoder layers and head train (forward, input and weight gradients: 3x)."""
+  patches, vit_w, vit_f = 16, 32, 64  # 32 px / patch 8 -> 4 x 4 patches, SigLIP (no CLS)
+  vit_layer = (4 * 2 * patches * vit_w * vit_w  # q, k, v, out
+               + 2 * 2 * patches * vit_w * patches  # scores and values over 16 keys
+               + 2 * 2 * patches * vit_w * vit_f)  # fc1, fc2
+  assert vit_layer == 294_912
+  patch_embed = 2 * patches * (8 * 8 * 3) * vit_w
+  projector = 2 * (patches // 4) * (vit_w * 4) * 64  # pixel shuffle 2: 4 tokens of 4 x 32 features -> width 64
+  s, d, q_dim, kv_dim, f = 32, 64, 4 * 16, 2 * 16, 128  # 4 heads / 2 kv heads of 16
+  decoder_layer = (2 * s * d * q_dim + 2 * 2 * s * d * kv_dim + 2 * s * q_dim * d  # q, k, v, o
+                   + 2 * 2 * s * q_dim * (s / 2)  # causal scores and values: half of the 32 keys on average
+                   + 3 * 2 * s * d * f)  # gate, up, down
+  assert decoder_layer == 2_490_368
+  lm_head = 2 * s * d * 512
+  per_row = patch_embed + vit_layer + 2 * projector + 3 * (2 * decoder_layer + lm_head)
+  assert results["train"]["flops_per_step"] == 8 * per_row
   cfg = config.load("bench_cpu", TINY)
   assert results["train"]["flops_per_step"] == flops.train_step_flops(cfg, "bench", 8, 32, 1)
   # ViT frozen (forward only), projector and decoder trained: the count is not the 3x-forward one.

@@ -35,7 +35,6 @@ def labelled_spans(ids, labels, tok):
 def test_render_exact(tok):
   ids, labels = chat.render(TURNS, ["<image>" * 3], tok)
   text = tok.decode(ids)
-  print(repr(text), labelled_spans(ids, labels, tok))
   assert text == ("<|im_start|>user\n<image><image><image>\nWhat colour?<|im_end|>\n"
                   "<|im_start|>assistant\nRed.<|im_end|>\n"
                   "<|im_start|>user\nHow many?<|im_end|>\n"

@@ -244,11 +244,18 @@ def test_sample_restricts_to_top_k_and_top_p():
   def frequencies(sampling):
     ids = np.asarray(sample(logits, rng, sampling))
     return np.bincount(ids, minlength=4) / len(ids)
-  # 4000 draws: the standard error of a frequency is <= 0.008, so 0.03 is ~4 sigma.
+  # 4000 draws: the standard error of a kept id's frequency is <= 0.008, so 0.03 is ~4 sigma. An excluded id
+  # must never be drawn: a leak of even 0.1% of the mass would show up ~4 times.
+  def assert_restricted(sampling, kept):
+    freq = frequencies(sampling)
+    np.testing.assert_array_equal(freq[len(kept):], 0.0, err_msg=str(sampling))
+    np.testing.assert_allclose(freq[:len(kept)], kept, atol=0.03, err_msg=str(sampling))
   np.testing.assert_allclose(frequencies(Sampling(1.0)), probs, atol=0.03)
-  np.testing.assert_allclose(frequencies(Sampling(1.0, top_k=2)), [4 / 7, 3 / 7, 0, 0], atol=0.03)
-  np.testing.assert_allclose(frequencies(Sampling(1.0, top_p=0.6)), [4 / 7, 3 / 7, 0, 0], atol=0.03)
-  np.testing.assert_allclose(frequencies(Sampling(1.0, top_p=0.75)), [4 / 9, 3 / 9, 2 / 9, 0], atol=0.03)
+  assert_restricted(Sampling(1.0, top_k=2), [4 / 7, 3 / 7])
+  assert_restricted(Sampling(1.0, top_p=0.6), [4 / 7, 3 / 7])
+  assert_restricted(Sampling(1.0, top_p=0.75), [4 / 9, 3 / 9, 2 / 9])
+  assert_restricted(Sampling(1.0, top_k=3, top_p=0.6), [4 / 7, 3 / 7])  # both: the smaller set
+  assert_restricted(Sampling(0.5, top_k=1), [1.0])
   assert frequencies(Sampling(0.0)).tolist() == [1.0, 0, 0, 0]
   sharp = frequencies(Sampling(0.25))  # p^4 renormalized
   np.testing.assert_allclose(sharp, probs ** 4 / (probs ** 4).sum(), atol=0.03)

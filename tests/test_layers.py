@@ -2,7 +2,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from fixtures_numerics import assert_f32_close
 from vlm_jax.model import layers
 
 
@@ -14,13 +16,28 @@ def _inputs(dtype, seed=0):
   return x, kernel, g
 
 
-def test_matmul_float32_gradients_equal_autodiff():
-  x, kernel, g = _inputs(jnp.float32)
-  ours = jax.vjp(lambda x, k: layers.matmul(x, k, 1), x, kernel)
-  ref = jax.vjp(lambda x, k: jnp.einsum("bsi,io->bso", x, k), x, kernel)
-  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
-  for a, b in zip(ours[1](g), ref[1](g)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("in_shape,out_shape", [
+    ((16,), (24,)),  # [D] -> [F]: fc1, gate_up
+    ((4, 6), (24,)),  # [H, hd] -> [D]: the output projections (n_in=2)
+    ((16,), (4, 6)),  # [D] -> [H, hd]: q/k/v (n_out=2)
+    ((4, 6), (3, 8)),  # both: every contraction and output axis in its own place
+])
+def test_matmul_float32_gradients_equal_autodiff(in_shape, out_shape):
+  """Forward and both gradients equal autodiff of the einsum, for kernels [*in, *out] with 1 or 2 axes each."""
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 5, *in_shape), jnp.float32)
+  kernel = jnp.asarray(rng.randn(*in_shape, *out_shape) * 0.3, jnp.float32)
+  g = jnp.asarray(rng.randn(3, 5, *out_shape), jnp.float32)
+  letters_in, letters_out = "ij"[:len(in_shape)], "op"[:len(out_shape)]
+  spec = f"bs{letters_in},{letters_in}{letters_out}->bs{letters_out}"
+  ours = jax.vjp(lambda x, k: layers.matmul(x, k, len(in_shape)), x, kernel)
+  ref = jax.vjp(lambda x, k: jnp.einsum(spec, x, k), x, kernel)
+  assert ours[0].shape == (3, 5, *out_shape)
+  assert_f32_close(ours[0], ref[0])
+  (dx, dk), (ref_dx, ref_dk) = ours[1](g), ref[1](g)
+  assert dx.shape == x.shape and dk.shape == kernel.shape and dk.dtype == jnp.float32
+  assert_f32_close(dx, ref_dx)
+  assert_f32_close(dk, ref_dk)
 
 
 def test_matmul_float32_out_keeps_the_accumulator():
@@ -67,9 +84,9 @@ def test_unembed_gradients():
   table = kernel.T  # [V=24, D=16]
   ours = jax.vjp(layers.unembed, x, table)
   ref = jax.vjp(lambda x, t: jnp.einsum("bsd,vd->bsv", x, t), x, table)
-  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+  assert_f32_close(ours[0], ref[0])
   for a, b in zip(ours[1](g), ref[1](g)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_f32_close(a, b)
 
   x16 = x.astype(jnp.bfloat16)
   y, (dx, dtable) = jax.jit(lambda x, t, g: (layers.unembed(x, t), jax.vjp(layers.unembed, x, t)[1](g)))(
@@ -100,9 +117,9 @@ def test_swiglu_float32_equals_autodiff_and_bf16_rounds_once():
   g, u, d = (jnp.asarray(rng.randn(4, 64) * 3, jnp.float32) for _ in range(3))
   ours = jax.vjp(layers.swiglu, g, u)
   ref = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
-  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6, atol=1e-6)
+  assert_f32_close(ours[0], ref[0])
   for a, b in zip(ours[1](d), ref[1](d)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_f32_close(a, b)
 
   g16, u16, d16 = (t.astype(jnp.bfloat16) for t in (g, u, d))
   y, (dg, du) = jax.jit(lambda g, u, d: (layers.swiglu(g, u), jax.vjp(layers.swiglu, g, u)[1](d)))(g16, u16, d16)

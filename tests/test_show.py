@@ -24,7 +24,6 @@ def test_describe_batch_exact():
   rows = packing.pack([conversation, text], 64, 4, tok.pad_id)
   batch = packing.collate(rows + [packing.pad_example(text, 64, 4, tok.pad_id, "left")])
   out = show.describe_batch(batch, tok, rows=2)
-  print(out)
   n1, n2 = len(conversation["input_ids"]), len(text["input_ids"])
   assert out.splitlines() == [
       "batch: input_ids int32[2, 64], labels int32[2, 64], segment_ids int32[2, 64], positions int32[2, 64], "

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixtures_model import (IMG, assert_decode_equals_full_forward, jit_apply, make_batch, make_row, random_pixels,
-                            sharded_value_and_grad)
-from jax.sharding import PartitionSpec as P
+                            sharded_value_and_grad, whole_batch_collectives)
+from fixtures_numerics import assert_f32_close, assert_trees_f32_close
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax import sharding
 from vlm_jax.config import (ContrastiveConfig, DecoderConfig, MeshConfig, ModelConfig, ProjectorConfig,
@@ -64,8 +65,8 @@ def test_packed_row_equals_samples_alone():
   batch = make_batch([(ids, seg, pos), make_row(a, length), make_row(b, length)], pixels,
                      [[True, True], [True, False], [True, False]])
   logits = np.asarray(jit_apply(TINY)({"params": params}, batch)["logits"])
-  np.testing.assert_allclose(logits[0, :len(a)], logits[1, :len(a)], atol=1e-5)
-  np.testing.assert_allclose(logits[0, len(a):len(a) + len(b)], logits[2, :len(b)], atol=1e-5)
+  assert_f32_close(logits[0, :len(a)], logits[1, :len(a)])
+  assert_f32_close(logits[0, len(a):len(a) + len(b)], logits[2, :len(b)])
   assert np.abs(logits[1, :len(a)] - logits[2, :len(a)]).max() > 1e-3  # the samples do differ
 
 
@@ -83,8 +84,7 @@ def test_kv_cache_prefill_and_decode_equal_full_forward(scan):
   # The left-padded row equals the same sample without padding.
   alone = make_batch([make_row(prompt1 + generated[1], total - 2)], full["pixel_values"][1:], [[True]])
   reference = np.asarray(jit_apply(cfg)({"params": params}, full)["logits"])
-  np.testing.assert_allclose(np.asarray(jit_apply(cfg)({"params": params}, alone)["logits"])[0], reference[1, 2:],
-                             atol=1e-5)
+  assert_f32_close(np.asarray(jit_apply(cfg)({"params": params}, alone)["logits"])[0], reference[1, 2:])
 
 
 def test_sharded_loss_and_grads_equal_single_device():
@@ -107,10 +107,23 @@ def test_sharded_loss_and_grads_equal_single_device():
   assert param_shardings["vision"]["layers"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
   sharded_loss, sharded_grads = sharded_value_and_grad(loss_fn, params, batch, mesh, param_shardings)
   assert sharded_grads["decoder"]["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
-  np.testing.assert_allclose(float(sharded_loss), float(loss), atol=1e-5)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
+  assert_trees_f32_close(sharded_grads, grads)
   assert float(loss) > 1.0
+
+
+def test_whole_batch_collectives_finds_a_gathered_activation():
+  """The check sharded_value_and_grad makes on its HLO: a [B, S, D] array gathered off the batch axes of the
+  (2, 2, 2) mesh is found; the same array kept sharded (summed over the tensor axis only) is not."""
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  x = jax.ShapeDtypeStruct((4, 12, 8), jnp.float32, sharding=sharding.data_sharding(mesh, 3))
+  w = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=NamedSharding(mesh, P("tensor", None)))
+
+  def hlo(out_spec):
+    fn = jax.jit(lambda x, w: x @ w, out_shardings=NamedSharding(mesh, out_spec))
+    return fn.lower(x, w).compile().as_text()
+  assert whole_batch_collectives(hlo(P()), 4, 12) == ["all-gather -> (4, 12, 16)"]
+  assert whole_batch_collectives(hlo(sharding.data_sharding(mesh, 3).spec), 4, 12) == []
 
 
 def test_contrastive_embeddings():
@@ -129,7 +142,7 @@ def test_contrastive_embeddings():
   np.testing.assert_allclose([float(scale), float(bias)], [10.0, -10.0], rtol=1e-6)
   # Tokens outside text_mask do not change the text embedding.
   _, txt2, _, _ = fn({"params": params}, random_pixels(2, 1, seed=4), np.where(mask, text, 33), mask)
-  np.testing.assert_allclose(np.asarray(txt2), np.asarray(txt), atol=1e-6)
+  assert_f32_close(txt2, txt)
 
 
 def test_contrastive_gap_pool_is_the_projected_mean_of_patch_features():
@@ -145,7 +158,7 @@ def test_contrastive_gap_pool_is_the_projected_mean_of_patch_features():
   proj = params["contrastive"]["image_proj"]
   want = np.asarray(features).mean(1) @ np.asarray(proj["kernel"]) + np.asarray(proj["bias"])
   want /= np.linalg.norm(want, axis=-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(img), want, atol=1e-5)
+  assert_f32_close(img, want)
 
 
 def test_bfloat16_close_to_float32():
