@@ -27,7 +27,8 @@ def get_config() -> Config:
       image_token_id=4, dtype="bfloat16", scan_layers=False, remat="none")
   data = DataConfig(data_dir="runs/tensorflow_datasets", tokenizer=TokenizerConfig(kind="sentencepiece", vocab_size=512),
                     seq_len=96, max_tiles=2, image_splitting=False, packing=False, padding_side="right",
-                    cache_records=True)  # the five stages read each of the 20000 records about ten times
+                    cache_records=True,  # the five stages read each of the 20000 records about ten times
+                    num_workers=0, read_threads=2)  # a 2-core machine: the step needs the cores
   common = dict(datasets=(("shapes_vqa", 1.0),), checkpoint_every=200, log_every=10, warmup_steps=20)
   stages = (
       # lr 5e-4, not 2e-3: with bf16 compute the ViT keeps more of the shapes' kind.

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import multihost_feed
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
 
 from vlm_jax import checkpoint
@@ -30,6 +31,7 @@ from vlm_jax import config as config_lib
 from vlm_jax import distributed
 from vlm_jax.inputs import shards
 from vlm_jax.inputs.tokenizer import load_tokenizer
+from vlm_jax.sharding import feed_group, make_mesh
 from vlm_jax.train import metrics, run
 
 CONFIG = str(pathlib.Path(__file__).parent / "tiny_run_config.py")
@@ -223,6 +225,36 @@ def test_one_process_reads_the_two_shards_a_two_process_run_reads(shapes_data_di
   got = next(fresh)["input_ids"]
   np.testing.assert_array_equal(got, expected["input_ids"])
   assert not np.array_equal(got, first["input_ids"])
+
+
+def test_hosts_of_one_batch_shard_feed_the_same_rows(shapes_data_dir, tmp_path):  # noqa: F811
+  """tensor=8 over 2 hosts: one feed group, so both hosts feed the whole batch, the batches of 1 process with 8
+  devices; data=8 over 2 hosts: 2 groups of half batches, the batches of 1 process reading 2 data shards."""
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_feed.py"), CONFIG, shapes_data_dir,
+                             str(tmp_path), f"127.0.0.1:{port}", "2", str(i)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+  try:
+    outs = [p.communicate(timeout=180)[0].decode()[-3000:] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+  for name, overrides in multihost_feed.MESHES.items():
+    extra = ["data.num_shards=2"] if name == "data8" else []
+    cfg = config_lib.load(CONFIG, [f"data.data_dir={shapes_data_dir}", *overrides, *extra])
+    mesh = make_mesh(cfg.mesh)
+    assert feed_group(mesh) == (0, 1)
+    reference = multihost_feed.global_batches(cfg, mesh)
+    for i in (0, 1):
+      with np.load(tmp_path / f"{name}_process_{i}.npz") as got:
+        assert sorted(got) == sorted(f"{b}/{k}" for b in range(len(reference)) for k in reference[b])
+        for b, batch in enumerate(reference):
+          assert batch["input_ids"].shape[0] == cfg.train.stage("align").batch_size
+          for k, v in batch.items():
+            np.testing.assert_array_equal(got[f"{b}/{k}"], v, err_msg=f"{name} process {i} batch {b} {k}")
+  assert not np.array_equal(reference[0]["input_ids"], reference[1]["input_ids"])
 
 
 def test_lone_process_sigterm_flag():

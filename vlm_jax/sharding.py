@@ -117,3 +117,31 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def batch_shards(mesh: Mesh) -> dict[int, tuple[int, ...]]:
+  """Process index -> the batch shards its devices hold: indices into the product of the batch axes (data,
+  fsdp, expert), major to minor, as `data_sharding` cuts the leading axis. Two processes of one tensor-parallel
+  group hold the same shards; under pure data parallelism every process holds its own."""
+  axes = data_sharding(mesh, 1).spec[0]
+  order = [mesh.axis_names.index(a) for a in axes] + [i for i, a in enumerate(mesh.axis_names) if a not in axes]
+  grid = np.transpose(mesh.devices, order).reshape(math.prod(mesh.shape[a] for a in axes), -1)
+  held: dict[int, set[int]] = {}
+  for shard, devices in enumerate(grid):
+    for device in devices:
+      held.setdefault(device.process_index, set()).add(shard)
+  return {p: tuple(sorted(s)) for p, s in sorted(held.items())}
+
+
+def feed_group(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(group, groups): processes whose devices hold the same batch shards form a feed group and must feed the
+  same rows; `groups` counts the distinct groups (= the process count under pure data parallelism, 1 when a
+  batch shard spans every host). Groups are numbered in the order of their first batch shard."""
+  held = batch_shards(mesh)
+  process_index = jax.process_index() if process_index is None else process_index
+  groups = sorted(set(held.values()))
+  if sum(len(g) for g in groups) != len({s for g in groups for s in g}) or len({len(g) for g in groups}) > 1:
+    raise ConfigError(f"mesh {dict(mesh.shape)}: processes hold overlapping or unequal sets of batch shards "
+                      f"({held}); make the batch axes (data, fsdp, expert) split evenly over the hosts, e.g. put "
+                      "the axes that span hosts in mesh.dcn_*.")
+  return groups.index(held[process_index]), len(groups)

@@ -23,9 +23,7 @@ import numpy as np
 from vlm_jax.config import Config, InputError, StageConfig, row_shape
 from vlm_jax.inputs import examples, packing
 from vlm_jax.inputs.tokenizer import Tokenizer
-from vlm_jax.sharding import data_sharding
-
-READ_THREADS = 2  # records are decoded and tokenized in threads; the machines are small
+from vlm_jax.sharding import data_sharding, feed_group
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,7 +224,7 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
   batch = host_batch_size(stage, process_count)
   pack = config.data.packing and stage.task != "image_text"
   records = record_dataset(config, stage, process_index, process_count)
-  read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * batch)
+  read = grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=2 * batch)
   rows = records.map(_ToRow(config, stage, tokenizer, pack)).to_iter_dataset(read)  # drops the Nones
   if pack:
     rows = PackedIterDataset(rows, *row_shape(config, stage), tokenizer.pad_id)
@@ -241,7 +239,12 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Host-local batch [B_host, ...] -> global jax.Arrays [B_host * process_count, ...], the leading axis
-  sharded over the mesh's (data, fsdp) axes."""
-  return {k: jax.make_array_from_process_local_data(data_sharding(mesh, np.ndim(v)), np.asarray(v))
+  """Host-local batch [B_host, ...] -> global jax.Arrays [B_host * groups, ...], the leading axis sharded over
+  the mesh's batch axes (data, fsdp, expert). `groups` counts feed groups (`sharding.feed_group`): the hosts of
+  one group hold the same batch shards and must pass the same rows (their group's rows of the global batch);
+  the global shape is given, so that a host passing another row count fails here instead of training on
+  rows of its own."""
+  groups = feed_group(mesh)[1]
+  return {k: jax.make_array_from_process_local_data(data_sharding(mesh, np.ndim(v)), np.asarray(v),
+                                                    (np.shape(v)[0] * groups, *np.shape(v)[1:]))
           for k, v in batch.items()}

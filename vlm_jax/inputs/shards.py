@@ -5,8 +5,13 @@ of each dataset, its own shuffle, batches of batch_size / n rows. A step's globa
 batches in shard order; process p of P reads shards p * n/P ... (p + 1) * n/P - 1, i.e. its consecutive
 rows of the global batch. So what a step trains on, and each shard's saved position, depend on n only, not
 on P: a run saved by 2 hosts (n = 2) resumes exactly on 1 host holding both shards (or on 2 again). n is
-`data.num_shards`, else the count in the checkpoint being resumed, else the process count at the start of a
-stage. P must divide n (a shard's position cannot be split).
+`data.num_shards`, else the count in the checkpoint being resumed, else P at the start of a stage. P must
+divide n (a shard's position cannot be split).
+
+P counts feed groups, not processes (`sharding.feed_group`): hosts whose devices hold the same batch shards of
+the mesh (e.g. tensor=8 over 2 hosts of 4 chips) read the same data shards and feed the same rows, and each
+feed group's rows land on its batch shards (`loader.to_global`). Under pure data parallelism every process is
+its own group.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.inputs import loader
 from vlm_jax.inputs.tokenizer import Tokenizer
+from vlm_jax.sharding import feed_group, make_mesh
 
 
 def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
@@ -34,13 +40,19 @@ class ShardedLoader:
   """Host batches [batch_size / P, ...] made of this process's shards' batches, concatenated in shard order.
 
   `shard_iterators` ({shard: grain iterator}) and `num_shards` are what the checkpoint saves and restores
-  (`vlm_jax.checkpoint`: one file per shard)."""
+  (`vlm_jax.checkpoint`: one file per shard). `process_index` / `process_count` default to this process's feed
+  group and the group count on `mesh` (default: the config's mesh over all devices); `feeds` is that count.
+  `num_shards` defaults to data.num_shards, else that count."""
 
-  def __init__(self, config: Config, stage: StageConfig, tokenizer: Tokenizer, num_shards: int, *,
-               process_index: int | None = None, process_count: int | None = None):
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    self.num_shards = num_shards
+  def __init__(self, config: Config, stage: StageConfig, tokenizer: Tokenizer, num_shards: int | None = None, *,
+               process_index: int | None = None, process_count: int | None = None,
+               mesh: jax.sharding.Mesh | None = None):
+    if process_index is None or process_count is None:
+      group, groups = feed_group(make_mesh(config.mesh) if mesh is None else mesh)
+      process_index = group if process_index is None else process_index
+      process_count = groups if process_count is None else process_count
+    num_shards = num_shards or config.data.num_shards or process_count
+    self.num_shards, self.feeds = num_shards, process_count
     self.shard_iterators = {s: loader.make_loader(config, stage, tokenizer, process_index=s,
                                                   process_count=num_shards)
                             for s in process_shards(num_shards, process_index, process_count)}

@@ -100,8 +100,7 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
   writer = MetricsWriter(workdir, stage.name)
   latest = mngr.latest_step()
   saved_shards = None if latest is None else checkpoint.data_shards(mngr, latest)
-  data = shards.ShardedLoader(config, stage, tokenizer,
-                              config.data.num_shards or saved_shards or jax.process_count())
+  data = shards.ShardedLoader(config, stage, tokenizer, config.data.num_shards or saved_shards, mesh=mesh)
   if latest is not None:
     state = checkpoint.restore(mngr, latest, abstract, data)
     writer.resume_from(latest)
@@ -118,7 +117,7 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
   eval_records = evaluate.eval_records(config, stage.eval_split, stage.eval_limit) if stage.eval_every else None
   for step in range(start + 1, stage.steps + 1):
     host_batch = next(data)
-    tokens.update({kind: n * jax.process_count() for kind, n in token_counts(host_batch).items()})
+    tokens.update({kind: n * data.feeds for kind, n in token_counts(host_batch).items()})
     with step_lib.use_mesh(mesh):
       state, metrics = train_step(state, loader_lib.to_global(host_batch, mesh))
     pending.append(metrics)
