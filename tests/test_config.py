@@ -42,7 +42,7 @@ def test_unknown_stage_names_close_matches():
     ("model.decoder.num_layers=2.5", "model.decoder.num_layers='2.5': expected int."),
     ("data.packing=maybe", "data.packing='maybe': expected bool. Use true or false."),
     ("train.stages.align.trainable=3", "train.stages.align.trainable='3': expected tuple[str, ...]."),
-    ("model.dtype=float16", "model.dtype='float16' is not one of ('float32', 'bfloat16')."),
+    ("model.dtype=float16", "model.dtype='float16' is not one of ('auto', 'float32', 'bfloat16')."),
     ("model.decoder=3", "model.decoder: is a group; set one of its keys, e.g. model.decoder.vocab_size=..."),
     ("steps", "Override 'steps' must look like key=value, e.g. train.stages.align.steps=100."),
     ("model.decoder.num_layers=0", "model.decoder.num_layers=0 must be a positive size."),

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
+from vlm_jax import cpu_features
 from vlm_jax import flops as flops_lib
 from vlm_jax.compile_cache import fresh_compiles
 from vlm_jax.config import Config, ConfigError, apply_overrides, row_shape
@@ -236,6 +237,8 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
   """
   if roofline not in ROOFLINES:
     raise ConfigError(f"roofline={roofline!r}: choose one of {', '.join(ROOFLINES)}.")
+  if config.model.dtype == "auto":  # likewise: a TPU computes in bf16 (cpu_features.resolve)
+    config = apply_overrides(config, [f"model.dtype={cpu_features.resolve('auto', 'tpu')[0]}"])
   stage = config.train.stage(stage_name) if stage_name else config.train.stages[-1]
   batch_size = stage.batch_size if batch_size is None else batch_size
   row_tokens, num_tiles = row_shape(config, stage)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from vlm_jax import config as config_lib
-from vlm_jax import host_memory, metrics
+from vlm_jax import cpu_features, host_memory, metrics
 
 
 TRACEBACK_ENV = "VLM_JAX_TRACEBACK"
@@ -28,7 +28,10 @@ def _load(args) -> config_lib.Config:
 
 
 def cmd_config_show(args) -> int:
-  print(json.dumps(config_lib.to_dict(_load(args)), indent=2))
+  cfg = _load(args)
+  print(json.dumps(config_lib.to_dict(cfg), indent=2))
+  if cfg.model.dtype == "auto":  # on stderr: stdout stays the config's JSON, "auto" as it is saved
+    print(cpu_features.describe(cfg.model.dtype), file=sys.stderr)
   return 0
 
 
@@ -72,13 +75,6 @@ def cmd_generate(args) -> int:
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, raw=args.raw)[0]
   print(json.dumps({"text": result.text, "token_ids": result.token_ids}) if args.json else result.text)
-  return 0
-
-
-def cmd_serve(args) -> int:
-  from vlm_jax.serve import api  # pylint: disable=import-outside-toplevel
-  api.serve(args.workdir, args.stage, host=args.host, port=args.port, slots=args.slots, max_images=args.max_images,
-            allow_local_files=args.allow_local_files)
   return 0
 
 
@@ -186,18 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
   p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
   p.set_defaults(fn=cmd_generate)
-
-  p = sub.add_parser("serve", help="serve a workdir's model: OpenAI-compatible chat API with images and streaming "
-                     "(continuous batching), and a chat page at /")
-  p.add_argument("--workdir", required=True, help="a training workdir (config.json, tokenizer/, stage checkpoints)")
-  p.add_argument("--stage", default=None, help="stage whose params to use (default: the last finished one)")
-  p.add_argument("--host", default="127.0.0.1", help="(default: %(default)s; 0.0.0.0 listens on every interface)")
-  p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-  p.add_argument("--slots", type=int, default=4, help="requests decoded together (default: %(default)s)")
-  p.add_argument("--max-images", type=int, default=4, help="images per conversation (default: %(default)s)")
-  p.add_argument("--allow-local-files", action="store_true",
-                 help="accept image urls that are paths on this machine (file://... or /path)")
-  p.set_defaults(fn=cmd_serve)
 
   p = sub.add_parser("serve", help="serve a workdir's model: OpenAI-compatible chat API with images and streaming "
                      "(continuous batching), and a chat page at /")

@@ -15,6 +15,8 @@ import pathlib
 import typing
 from typing import Any
 
+from vlm_jax import cpu_features
+
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -159,9 +161,16 @@ class ModelConfig:
   decoder: DecoderConfig = DecoderConfig()
   contrastive: ContrastiveConfig = ContrastiveConfig()
   image_token_id: int = 4  # id of `<image>`; image features replace these embeddings in order
-  dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # compute dtype: float32 | bfloat16 | auto (vlm_jax/cpu_features.py); params stay float32. W/config.json keeps
+  # "auto": each machine that trains or loads the workdir resolves it itself (and logs what it chose).
+  dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots (save matmul outputs)
+
+  @property
+  def compute_dtype(self) -> str:
+    """The dtype the model computes in: `dtype`, with 'auto' resolved for this machine (cpu_features.resolve)."""
+    return cpu_features.resolve(self.dtype)[0]
 
   @property
   def image_tokens_per_tile(self) -> int:
@@ -304,7 +313,7 @@ _CHOICES = {
     "model.projector.act": ("gelu", "gelu_tanh", "quick_gelu", "relu"),
     "model.contrastive.loss": ("clip", "siglip"),
     "model.contrastive.similarity": ("global", "token"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": cpu_features.DTYPES,
     "model.remat": ("none", "full", "dots"),
     "data.tokenizer.kind": ("sentencepiece", "hf"),
     "data.resample": ("bicubic", "bilinear", "nearest", "lanczos"),

@@ -85,7 +85,7 @@ def decode_inputs(model: ModelConfig, params: Any, cache: Any) -> tuple[ModelCon
   """(model, params, cache) for the decode loop: the decoder unscanned, its float32 weights cast to a
   low-precision compute dtype (the router excepted), as every decode step would cast them. Only the decoder
   is kept: decode steps read nothing else."""
-  dtype = jnp.dtype(model.dtype)
+  dtype = jnp.dtype(model.compute_dtype)
 
   def cast(path, leaf):
     keep = (dtype == jnp.float32 or leaf.dtype != jnp.float32

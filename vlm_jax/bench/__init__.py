@@ -55,7 +55,7 @@ def run(config: Config, *, compare_torch: bool = False, plan: Plan = FULL, log=p
   stage = config.train.stages[-1]
   b, (s, n) = stage.batch_size, row_shape(config, stage)
   mesh = make_mesh(config.mesh)
-  dtype = config.model.dtype
+  dtype = config.model.compute_dtype
   dtypes = [dtype] + [d for d in ("float32", "bfloat16") if d != dtype and plan.both_dtypes]
   results: dict[str, Any] = {"config": config.name, "devices": len(jax.devices()), "plan": plan.__dict__,
                              "host_malloc": host_memory.active()}

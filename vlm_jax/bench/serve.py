@@ -133,7 +133,7 @@ def run(config: Config, plan: measure.Plan, log=print) -> dict[str, Any]:
   """Both sides at each client count -> {"ours": [per level], "transformers": [...], "ratios": {...}}."""
   from vlm_jax.bench import torch_side  # pylint: disable=import-outside-toplevel
   params = step_lib.init_params(config, make_mesh(config.mesh), jax.random.PRNGKey(config.seed))
-  results: dict[str, Any] = {"config": config.name, "dtype": config.model.dtype, "new_tokens": plan.new_tokens,
+  results: dict[str, Any] = {"config": config.name, "dtype": config.model.compute_dtype, "new_tokens": plan.new_tokens,
                              "clients": list(CLIENTS), "ours": [], "transformers": []}
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer_dir = pathlib.Path(tmp) / "tokenizer"

@@ -1,6 +1,6 @@
 """The VLM: ViT -> projector -> image features spliced into the decoder's `<image>` embeddings.
 
-Entry points (all take / return plain pytrees; params are float32, compute in `config.dtype`):
+Entry points (all take / return plain pytrees; params are float32, compute in `config.compute_dtype`):
   VLM(cfg).apply({"params": p}, batch) -> {"logits": [B, S, V] f32, "aux_loss": f32 [] (MoE router losses,
                                      coef-weighted, summed over layers; 0.0 dense), "moe_metrics": {} dense, else
                                      expert_load [E], dropped_fraction [], load_balancing_loss [], z_loss [],
@@ -79,7 +79,7 @@ class VLM(nn.Module):
 
   def setup(self):
     c = self.config
-    dtype = jnp.dtype(c.dtype)
+    dtype = jnp.dtype(c.compute_dtype)
     self.vision = VisionEncoder(c.vision, dtype, c.scan_layers, c.remat)
     self.projector = Projector(c.projector, c.decoder.width, dtype)
     self.decoder = Decoder(c.decoder, dtype, c.scan_layers, c.remat)

@@ -28,7 +28,7 @@ from etils import epath
 
 from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
-from vlm_jax import distributed, evaluate
+from vlm_jax import cpu_features, distributed, evaluate
 from vlm_jax import workdir as workdir_lib
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.generate import Generator
@@ -52,6 +52,7 @@ def run(config: Config, workdir: str, *, stage: str | None = None) -> bool:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=1) + "\n")
     tokenizer.save(epath.Path(workdir) / "tokenizer")
+    print(cpu_features.describe(config.model.dtype))
   mesh = make_mesh(config.mesh)
   names = [s.name for s in config.train.stages]
   todo = names if stage is None else [config.train.stage(stage).name]

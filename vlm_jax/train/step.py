@@ -130,7 +130,7 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
   Adapters under params['lora'] are folded into their kernels first, in the compute dtype."""
   params, adapters = lora_lib.split(params)
   if adapters is not None:
-    params = lora_lib.apply(params, adapters, stage.lora, model.config.dtype)
+    params = lora_lib.apply(params, adapters, stage.lora, model.config.compute_dtype)
   if stage.loss == "contrastive":
     b, k = batch["text_ids"].shape[0], model.config.contrastive.hard_negatives
     negative_mask = batch["negative_text_mask"] if k else None
