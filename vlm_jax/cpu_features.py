@@ -3,7 +3,9 @@
   TPU, GPU         bfloat16 (their matrix units are bf16)
   CPU, native bf16 bfloat16: x86 avx512_bf16 or amx_bf16, Arm bf16 (/proc/cpuinfo flags / Features)
   other CPUs       float32: XLA:CPU runs bf16 dots through float32 conversions there, slower than float32 itself
-                   (an AVX2 EPYC: f32 122, bf16 87 GFLOP/s); so does XLA_FLAGS=--xla_cpu_max_isa=AVX2 or lower
+                   (an AVX2 EPYC: f32 122, bf16 87 GFLOP/s)
+  XLA_FLAGS=--xla_cpu_max_isa below AVX512_BF16: float32, as asked (the cap does not slow YNNPACK's bf16 dots
+                   down, so it is no stand-in for an AVX2 machine's speed: docs/performance.md)
 
 The CPU is read once per process (`host_native_bf16` is cached). Params stay float32 in every case.
 """
