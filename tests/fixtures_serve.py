@@ -38,9 +38,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def png_data_url(image: np.ndarray, fmt: str = "PNG") -> str:
+def png_data_url(image: np.ndarray, fmt: str = "PNG", **save) -> str:
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format=fmt)
+  Image.fromarray(image).save(buf, format=fmt, **save)
   return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 

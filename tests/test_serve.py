@@ -8,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -15,8 +17,9 @@ from fixtures_serve import SLOTS, png_data_url, served  # noqa: F401  (pytest fi
 from PIL import Image
 
 from vlm_jax import cli, workdir
-from vlm_jax.generate import Generator
+from vlm_jax.generate import Generator, Sampling, sample
 from vlm_jax.inputs import examples
+from vlm_jax.serve.engine import sample_rows
 
 RNG = np.random.RandomState(0)
 IMAGES = [RNG.randint(0, 256, (20, 30, 3)).astype(np.uint8), RNG.randint(0, 256, (48, 64, 3)).astype(np.uint8),
@@ -63,6 +66,23 @@ def _stream(client, **kw):
   return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
 
+def test_sample_rows_draws_what_generate_sample_draws_for_each_row():
+  """The engine's per-row settings (arrays) draw what generate's static Sampling draws for a batch of one."""
+  logits = jax.random.normal(jax.random.key(1), (3, 50))
+  keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 2))(jnp.arange(3))
+  draws = set()
+  for t, k, p in [(0.0, 0, 1.0), (1.5, 20, 0.9), (1.0, 5, 0.3)]:
+    got = sample_rows(logits, keys, jnp.full(3, t), jnp.full(3, k, jnp.int32), jnp.full(3, p))
+    want = [int(sample(logits[i:i + 1], keys[i], Sampling(t, k, p))[0]) for i in range(3)]
+    assert [int(g) for g in got] == want, (t, k, p)
+    draws.add(tuple(want))
+  mixed = sample_rows(logits, keys, jnp.asarray([0.0, 1.5, 0.7]), jnp.asarray([0, 20, 0]),
+                      jnp.asarray([1.0, 0.9, 0.5]))
+  assert [int(m) for m in mixed] == [int(sample(logits[i:i + 1], keys[i], Sampling(*c))[0]) for i, c in
+                                     enumerate([(0.0, 0, 1.0), (1.5, 20, 0.9), (0.7, 0, 0.5)])]
+  assert len(draws) == 3
+
+
 def test_plain_and_streamed_answers_equal_generate(served, client, generator, tmp_path, capsys):
   w, url, _ = served
   path = tmp_path / "a.png"
@@ -89,6 +109,17 @@ def test_plain_and_streamed_answers_equal_generate(served, client, generator, tm
   local = client.chat.completions.create(model="tiny", max_tokens=9, messages=[{"role": "user", "content": [
       {"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": QUESTIONS[0]}]}])
   assert local.choices[0].message.content == want["text"]
+  # So is a lossless WebP; a JPEG is read too (lossy: other pixels, same prompt length); a GIF is refused.
+  answers = {}
+  for fmt, save in (("WEBP", {"lossless": True}), ("JPEG", {"quality": 90})):
+    answers[fmt] = client.chat.completions.create(model="tiny", max_tokens=9, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(IMAGES[0], fmt, **save)}},
+        {"type": "text", "text": QUESTIONS[0]}]}])
+  assert answers["WEBP"].choices[0].message.content == want["text"]
+  assert answers["JPEG"].usage.prompt_tokens == local.usage.prompt_tokens
+  with pytest.raises(openai.BadRequestError, match="Images must be PNG, JPEG or WebP; got GIF"):
+    client.chat.completions.create(model="tiny", messages=[_user([], "x")] + [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(IMAGES[0], "GIF")}}]}])
 
   # Seeded sampling draws what generate draws.
   sampled = generator.generate([(IMAGES[1:3], QUESTIONS[2])], max_new_tokens=8, temperature=1.5, top_k=20,

@@ -104,7 +104,9 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     logits = jnp.where((top_p < 1) & (logits < threshold), -jnp.inf, logits)
     drawn = jax.random.categorical(key, logits[None], axis=-1)[0].astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
-  return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+  # All-greedy steps (the common case) skip the sort: cond runs one branch, the same ids either way.
+  return jax.lax.cond(jnp.any(temperature > 0), lambda: jax.vmap(one)(logits, keys, temperature, top_k, top_p),
+                      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def _allowed(logits: jax.Array, vocab_size: int, stop_ids: tuple[int, ...], step: jax.Array,

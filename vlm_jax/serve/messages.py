@@ -91,6 +91,8 @@ def decode_image(url: str, param: str, allow_local_files: bool) -> np.ndarray:
     image = Image.open(source)
   except FileNotFoundError as e:
     raise APIError(400, f"No image file at {source}.", param, "invalid_image") from e
+  except Image.DecompressionBombError as e:  # PIL's own limit (far above MAX_PIXELS) refuses before we can
+    raise APIError(400, f"The image is too large ({e}).", param, "image_too_large") from e
   except (UnidentifiedImageError, OSError) as e:
     raise APIError(400, "The image bytes are not an image (PNG, JPEG or WebP).", param, "invalid_image") from e
   if image.format not in FORMATS:
