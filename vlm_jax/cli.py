@@ -135,8 +135,10 @@ def cmd_aot(args) -> int:
 
 def cmd_bench(args) -> int:
   from vlm_jax import bench  # pylint: disable=import-outside-toplevel
+  loader = (dict(stage=args.stage, hosts=args.hosts, batches=args.batches, step_seconds=args.step_seconds)
+            if args.loader else None)
   return bench.main(_load(args), compare_torch=args.compare_torch, json_out=args.json, quick=args.quick,
-                    serve=args.serve)
+                    serve=args.serve, loader=loader)
 
 
 def _parse_options(items: list[str]) -> list[tuple[str, object]]:
@@ -278,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--serve", action="store_true",
                  help="instead: the serving engine under 1, 4 and 16 concurrent clients (output tokens/s, time to "
                  "first token) against transformers' generate called per request")
+  p.add_argument("--loader", action="store_true",
+                 help="instead: one host's input pipeline (records/s, rows/s, tiles/s) against the step it feeds")
+  p.add_argument("--stage", default=None, help="--loader: the stage whose loader to time (default: the last)")
+  p.add_argument("--hosts", type=int, default=1,
+                 help="--loader: hosts feeding distinct rows (feed groups); each makes batch_size / hosts rows")
+  p.add_argument("--batches", type=int, default=8, help="--loader: host batches timed after the first")
+  p.add_argument("--step-seconds", type=float, default=None,
+                 help="--loader: the step time to compare with (e.g. roofline_seconds of `vlm-jax aot`)")
   p.set_defaults(fn=cmd_bench)
 
   p = sub.add_parser("config", help="config tools")

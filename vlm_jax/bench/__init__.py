@@ -145,9 +145,15 @@ def _torch(config, stage, params, tokenizer_dir, hf_dir, batch, prompts, plan, l
   return out
 
 
-def main(config: Config, *, compare_torch: bool, json_out: str | None, quick: bool, serve: bool = False) -> int:
-  """`vlm-jax bench`: runs, prints the table, writes the JSON if asked. With `serve`, bench/serve.py instead."""
-  if serve:
+def main(config: Config, *, compare_torch: bool, json_out: str | None, quick: bool, serve: bool = False,
+         loader: dict[str, Any] | None = None) -> int:
+  """`vlm-jax bench`: runs, prints the table, writes the JSON if asked. With `serve`, bench/serve.py instead;
+  with `loader` (bench/loader.py's run options), the input pipeline."""
+  if loader is not None:
+    from vlm_jax.bench import loader as loader_bench  # pylint: disable=import-outside-toplevel
+    results = loader_bench.run(config, **loader)
+    print(loader_bench.table(results))
+  elif serve:
     from vlm_jax.bench import serve as serve_bench  # pylint: disable=import-outside-toplevel
     results = serve_bench.run(config, QUICK if quick else FULL)
     print(serve_bench.table(results))
