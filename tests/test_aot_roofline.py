@@ -87,3 +87,12 @@ def test_extrapolation_over_layers_of_both_towers(monkeypatch):
   assert seen == [(2, 2), (4, 2), (2, 4)]
   assert cost == pytest.approx({"flops": 10 + 90 + 60, "bytes": 1 + 210 + 24, "optimal_seconds": -1 + 15})
   assert aot.extrapolate({"x": 1.0}, {"x": 3.0}, 2, 4, 32) == {"x": 31.0}
+
+
+def test_tpu_program_runs_the_splash_attention_kernel(report):
+  """model.kernels=auto compiles for the target: the decoder's causal attention is the Pallas splash kernel
+  (custom calls named splash_mha_*, forward and backward), under the data-parallel mesh."""
+  hlo = report["programs"]["train_step"]["compiled"].as_text()
+  assert "custom_call_target=\"tpu_custom_call\"" in hlo
+  for phase in ("fwd", "dq", "dkv"):
+    assert f"splash_mha_{phase}_segmented" in hlo, phase

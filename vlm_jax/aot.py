@@ -237,6 +237,8 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
   """
   if roofline not in ROOFLINES:
     raise ConfigError(f"roofline={roofline!r}: choose one of {', '.join(ROOFLINES)}.")
+  if config.model.kernels == "auto":  # resolve for the target, not for this host's backend
+    config = apply_overrides(config, ["model.kernels=tpu"])
   if config.model.dtype == "auto":  # likewise: a TPU computes in bf16 (cpu_features.resolve)
     config = apply_overrides(config, [f"model.dtype={cpu_features.resolve('auto', 'tpu')[0]}"])
   stage = config.train.stage(stage_name) if stage_name else config.train.stages[-1]

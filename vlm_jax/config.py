@@ -165,7 +165,8 @@ class ModelConfig:
   # "auto": each machine that trains or loads the workdir resolves it itself (and logs what it chose).
   dtype: str = "float32"
   scan_layers: bool = True
-  remat: str = "none"  # none | full | dots (save matmul outputs)
+  remat: str = "none"  # none | full | dots | minimal | save_dot_except_mlp | save_qkv_proj | offload_dot_except_mlp
+  kernels: str = "auto"  # auto | cpu | plain | tpu: the backend's kernels (vlm_jax/model/kernels)
 
   @property
   def compute_dtype(self) -> str:
@@ -314,7 +315,9 @@ _CHOICES = {
     "model.contrastive.loss": ("clip", "siglip"),
     "model.contrastive.similarity": ("global", "token"),
     "model.dtype": cpu_features.DTYPES,
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("none", "full", "dots", "minimal", "save_dot_except_mlp", "save_qkv_proj",
+                    "offload_dot_except_mlp"),
+    "model.kernels": ("auto", "cpu", "plain", "tpu"),
     "data.tokenizer.kind": ("sentencepiece", "hf"),
     "data.resample": ("bicubic", "bilinear", "nearest", "lanczos"),
     "data.image_resize": ("square", "shortest_edge_crop"),

@@ -14,22 +14,36 @@ zeroed again) is a little faster still (bf16 step at sequence 512: 2.41/2.59 s s
 and the bench runs both sides in one process.
 
 glibc reads tunables only at start-up, so the `vlm-jax` command re-executes itself once with the tunable set
-(`reexec_tuned`, called by `cli.main`). Set `VLM_JAX_MALLOC=system` to opt out. Other C libraries ignore it.
+(`reexec_tuned`, called by `cli.main`), on CPU hosts only: on a TPU or GPU host XLA keeps its buffers in device
+memory and the re-exec buys nothing. Set `VLM_JAX_MALLOC=system` to opt out. Other C libraries ignore it.
 """
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "VLM_JAX_MALLOC"
+# Device files of TPU VMs (v4: /dev/accel*, v5e / v5p / v6e: /dev/vfio/<n>) and of NVIDIA GPUs.
+ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def cpu_host(env: dict[str, str]) -> bool:
+  """Whether JAX will compute on the CPU here: JAX_PLATFORMS' first entry when set, else no TPU or GPU device
+  files (read before JAX starts, so this never initializes a backend)."""
+  platforms = [p.strip() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] == "cpu"
+  return not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
 
 
 def tuned_env(env: dict[str, str]) -> dict[str, str] | None:
-  """`env` with TUNABLE appended to GLIBC_TUNABLES, or None when opted out of, not glibc, or when GLIBC_TUNABLES
-  already names glibc.malloc.hugetlb (with any value: the user's choice stands)."""
-  if env.get(OPT_OUT) == "system" or platform.libc_ver()[0] != "glibc":
+  """`env` with TUNABLE appended to GLIBC_TUNABLES, or None when opted out of, not glibc, not a CPU host
+  (`cpu_host`), or when GLIBC_TUNABLES already names glibc.malloc.hugetlb (with any value: the user's choice
+  stands)."""
+  if env.get(OPT_OUT) == "system" or platform.libc_ver()[0] != "glibc" or not cpu_host(env):
     return None
   current = env.get("GLIBC_TUNABLES", "")
   if TUNABLE.split("=")[0] in {item.split("=")[0] for item in current.split(":")}:

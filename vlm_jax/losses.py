@@ -2,6 +2,8 @@
 and the CLIP / SigLIP contrastive losses. Everything is computed in float32."""
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -26,12 +28,38 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
   target: unlike slicing off the last position and gathering from log_softmax, nothing [B, S, V] is copied,
   and the gradient (softmax - one-hot) is elementwise, with no scatter into a zeroed [B, S, V] buffer."""
   targets = next_token_targets(labels)
-  valid = targets != IGNORE_ID
+  return _summed_nll(logits, targets), jnp.sum(targets != IGNORE_ID, dtype=jnp.int32)
+
+
+def _summed_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits [..., V], targets int [...] (IGNORE_ID skipped) -> summed NLL, f32 []."""
   logits = logits.astype(jnp.float32)
   vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-  nll = jax.nn.logsumexp(logits, axis=-1) - picked
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+  return jnp.sum(jnp.where(targets != IGNORE_ID, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0))
+
+
+LOSS_CHUNK = 512  # sequence positions per chunk of `chunked_token_cross_entropy`
+
+
+def chunk_length(seq_len: int, chunk: int = LOSS_CHUNK) -> int:
+  """The largest divisor of seq_len that is at most `chunk`."""
+  return max(c for c in range(1, min(chunk, seq_len) + 1) if seq_len % c == 0)
+
+
+def chunked_token_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], labels: jax.Array,
+                                chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """`token_cross_entropy(head(hidden), labels)` without the [B, S, V] logits: hidden [B, S, D] goes through
+  head ([B, c, D] -> float32 [B, c, V]) and the loss in sequence chunks of c = `chunk_length(S, chunk)`, each
+  rematerialized in the backward pass, so one chunk's logits exist at a time. -> (summed NLL f32 [], int32 [])."""
+  b, s, d = hidden.shape
+  c = chunk_length(s, chunk)
+  targets = next_token_targets(labels)
+  pieces = (hidden.reshape(b, s // c, c, d).swapaxes(0, 1), targets.reshape(b, s // c, c).swapaxes(0, 1))
+
+  chunk_nll = jax.checkpoint(lambda h, t: _summed_nll(head(h), t))
+  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32), pieces)
+  return total, jnp.sum(targets != IGNORE_ID, dtype=jnp.int32)
 
 
 def similarity(image: jax.Array, text: jax.Array, text_mask: jax.Array | None = None) -> jax.Array:

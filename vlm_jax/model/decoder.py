@@ -3,7 +3,7 @@
 `Decoder(input_ids, segment_ids, positions, replace=None, decode=False) -> (logits [B,S,V] f32, hidden [B,S,D])`.
 `replace=(where [B,S] bool, values [B,S,D])` swaps token embeddings for other vectors (the VLM's image
 features) before the first layer. Layers are `nn.scan`ned when `scan_layers` (params under `layers` with a
-leading axis named 'layers'), else `layers_0`, `layers_1`, ...; `remat` none | full | dots.
+leading axis named 'layers'), else `layers_0`, `layers_1`, ...; `remat` one of layers.REMAT_POLICIES or none.
 
 Mixture of experts (`config.moe.num_experts > 0`, vlm_jax/model/moe.py): layer i has a `moe` block instead of
 the SwiGLU `mlp` iff `config.is_moe_layer(i)`. Every layer MoE (every_n_layers = 1): the tree is the dense one
@@ -34,11 +34,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from vlm_jax import losses
 from vlm_jax.config import DecoderConfig
+from vlm_jax.model import kernels
 from vlm_jax.model import moe as moe_lib
 from vlm_jax.model.attention import apply_rope, dot_product_attention, make_attention_mask
-from vlm_jax.model.layers import Embed, RMSNorm, constrain, dense, maybe_remat, stack_layers, swiglu
+from vlm_jax.model.layers import (QKV_NAMES, Embed, RMSNorm, constrain, dense, logical, maybe_remat, stack_layers,
+                                  swiglu)
 
 ACT_AXES = ("act_batch", "act_length", "act_embed")
 
@@ -50,7 +54,8 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None):
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None,
+               segment_ids: jax.Array):
     c = self.config
     hd = c.resolved_head_dim
     q = dense((c.num_heads, hd), ("embed", "heads", "head_dim"), name="q_proj", dtype=self.dtype, use_bias=False)(x)
@@ -58,6 +63,7 @@ class Attention(nn.Module):
               use_bias=False)(x)
     v = dense((c.num_kv_heads, hd), ("embed", "kv_heads", "head_dim"), name="v_proj", dtype=self.dtype,
               use_bias=False)(x)
+    q, k, v = (checkpoint_name(t, n) for t, n in zip((q, k, v), QKV_NAMES))  # remat policies keep these by name
     q = constrain(apply_rope(q, positions, c.rope_theta), ("act_batch", "act_length", "act_heads", None))
     k = constrain(apply_rope(k, positions, c.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
@@ -70,9 +76,9 @@ class Attention(nn.Module):
       k = constrain(k, ("act_batch", None, "act_kv_heads", None))
       v = constrain(v, ("act_batch", None, "act_kv_heads", None))
       cached_key.value, cached_value.value = k, v
-    out = dot_product_attention(q, k, v, mask, causal=not self.decode)
-    return dense(c.width, ("heads", "head_dim", "embed"), num_in=2, name="o_proj", dtype=self.dtype,
-                 use_bias=False)(out)
+    out = dot_product_attention(q, k, v, mask, causal=not self.decode, segment_ids=segment_ids)
+    return checkpoint_name(dense(c.width, ("heads", "head_dim", "embed"), num_in=2, name="o_proj",
+                                 dtype=self.dtype, use_bias=False)(out), "out_proj")
 
 
 class SwiGLU(nn.Module):
@@ -87,7 +93,8 @@ class SwiGLU(nn.Module):
     down = dense(c.width, ("mlp", "embed"), name="down", dtype=self.dtype, use_bias=False)
 
     def mlp(piece):
-      return down(constrain(swiglu(gate(piece), up(piece)), ("act_batch", "act_length", "act_mlp")))
+      h = swiglu(checkpoint_name(gate(piece), "mlp_gate"), checkpoint_name(up(piece), "mlp_up"))
+      return checkpoint_name(down(constrain(h, ("act_batch", "act_length", "act_mlp"))), "mlp_down")
     chunks = c.mlp_chunks if x.shape[1] % c.mlp_chunks == 0 else 1  # see DecoderConfig.mlp_chunks
     if chunks == 1:
       return mlp(x)
@@ -101,15 +108,15 @@ class DecoderLayer(nn.Module):
   moe: bool = False  # a mixture-of-experts block (`moe`) instead of the SwiGLU `mlp`
 
   @nn.compact
-  def __call__(self, carry, positions, mask, cache_index, token_mask):
+  def __call__(self, carry, positions, mask, cache_index, segment_ids):
     """carry: x [B, S, D], or (x, MoE stats summed so far) when the decoder has MoE layers."""
     c = self.config
     x, stats = carry if c.moe.num_experts else (carry, None)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
-    x = x + Attention(c, self.dtype, self.decode, name="attn")(h, positions, mask, cache_index)
+    x = x + Attention(c, self.dtype, self.decode, name="attn")(h, positions, mask, cache_index, segment_ids)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
     if self.moe:
-      y, layer_stats = moe_lib.MoeBlock(c, self.dtype, name="moe")(h, token_mask)
+      y, layer_stats = moe_lib.MoeBlock(c, self.dtype, name="moe")(h, segment_ids > 0)
       stats = jax.tree.map(jnp.add, stats, layer_stats)
     else:
       y = SwiGLU(c, self.dtype, name="mlp")(h)
@@ -132,7 +139,8 @@ class DecoderGroup(nn.Module):
 
 
 def decoder_layers(config: DecoderConfig, dtype: Any, *, decode: bool, scanned: bool, remat: str):
-  """f(carry, positions, mask, cache_index, token_mask) -> carry through all layers (call inside a compact method)."""
+  """f(carry, positions, mask, cache_index, segment_ids) -> carry through all layers (call inside a compact
+  method)."""
   kwargs = dict(config=config, dtype=dtype, decode=decode)
   common = dict(scanned=scanned, remat=remat, broadcast_args=4, cache=decode)
   n = config.moe.every_n_layers
@@ -163,6 +171,17 @@ def unscanned(tree: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
   return tree
 
 
+class LmHead(nn.Module):
+  """The untied output head's kernel [D, V] (a bias-free Dense's param, `lm_head/kernel`), as an array."""
+  width: int
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    init = nn.initializers.lecun_normal(in_axis=(0,), out_axis=(1,))
+    return self.param("kernel", logical(init, ("embed", "vocab")), (self.width, self.vocab_size), jnp.float32)
+
+
 class Decoder(nn.Module):
   config: DecoderConfig
   dtype: Any = jnp.float32
@@ -172,9 +191,11 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                replace: tuple[jax.Array, jax.Array] | None = None,
-               decode: bool = False, with_aux: bool = False) -> tuple[Any, ...]:
+               decode: bool = False, with_aux: bool = False, labels: jax.Array | None = None) -> tuple[Any, ...]:
     """input_ids, segment_ids, positions: int [B, S] -> (logits float32 [B, S, V], final hidden [B, S, D]),
-    and with `with_aux` also (aux_loss f32 [], moe_metrics dict) as in the module docstring."""
+    and with `with_aux` also (aux_loss f32 [], moe_metrics dict) as in the module docstring. With `labels`
+    int [B, S] the logits are (summed NLL f32 [], scored tokens int32 []) instead, from
+    `losses.chunked_token_cross_entropy`: the [B, S, V] logits never exist."""
     c = self.config
     embed = Embed(c.vocab_size, c.width, "embed", self.dtype, name="embed")
     x = embed(input_ids)
@@ -200,15 +221,17 @@ class Decoder(nn.Module):
                             remat="none" if decode else self.remat)
     moe = c.moe.num_experts > 0
     carry = layers((x, moe_lib.empty_stats(c.moe.num_experts)) if moe else x, positions, mask, cache_index,
-                   segment_ids > 0)
+                   segment_ids)
     x, stats = carry if moe else (carry, None)
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
     if c.tie_embeddings:
-      logits = embed.attend(x)
+      table = embed.embedding
+      head = lambda h: kernels.unembed(h.astype(self.dtype), table)
     else:
-      logits = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", dtype=self.dtype, use_bias=False,
-                     float32_out=True)(x)
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+      kernel = LmHead(c.width, c.vocab_size, name="lm_head")()
+      head = lambda h: kernels.matmul(h.astype(self.dtype), kernel, 1, True)
+    logits_of = lambda h: constrain(head(h), ("act_batch", "act_length", "act_vocab"))
+    logits = logits_of(x) if labels is None else losses.chunked_token_cross_entropy(x, logits_of, labels)
     if not with_aux:
       return logits, x
     if not moe:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import ContrastiveConfig, ModelConfig, VisionConfig
+from vlm_jax.model import kernels
 from vlm_jax.model.decoder import Decoder
 from vlm_jax.model.layers import dense, logical
 from vlm_jax.model.projector import Projector
@@ -74,6 +75,15 @@ class Contrastive(nn.Module):
     return normalize(image), normalize(text), jnp.exp(logit_scale), logit_bias
 
 
+def _with_kernels(method):
+  """Runs a VLM method inside `kernels.use(config.kernels)` (the backend switch read while tracing)."""
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    with kernels.use(self.config.kernels):
+      return method(self, *args, **kwargs)
+  return wrapped
+
+
 class VLM(nn.Module):
   config: ModelConfig
 
@@ -86,6 +96,7 @@ class VLM(nn.Module):
     if c.contrastive.enabled:
       self.contrastive = Contrastive(c.contrastive, c.vision, c.decoder.vocab_size, dtype, c.scan_layers, c.remat)
 
+  @_with_kernels
   def embed_images(self, pixel_values: jax.Array, tile_mask: jax.Array) -> jax.Array:
     """pixel_values [B, N, H, W, 3], tile_mask bool [B, N] -> [B, N * T, D] (padding tiles zeroed)."""
     b, n = pixel_values.shape[:2]
@@ -101,22 +112,31 @@ class VLM(nn.Module):
     features = self.embed_images(pixel_values, batch["tile_mask"])
     return image_features_at_tokens(batch["input_ids"], features, self.config.image_token_id)
 
-  def __call__(self, batch: dict[str, jax.Array], *, return_hidden_states: bool = False) -> dict[str, jax.Array]:
+  @_with_kernels
+  def __call__(self, batch: dict[str, jax.Array], *, return_hidden_states: bool = False,
+               lm_loss: bool = False) -> dict[str, jax.Array]:
     """batch (DESIGN.md contract) -> {"logits": f32 [B, S, V], "aux_loss": f32 [] (add it to the training loss),
-    "moe_metrics": dict (vlm_jax/model/moe.py `summarize`), "hidden_states": [B, S, D] (final norm output)}."""
+    "moe_metrics": dict (vlm_jax/model/moe.py `summarize`), "hidden_states": [B, S, D] (final norm output)}.
+    With `lm_loss`, "loss_sum" f32 [] and "num_tokens" int32 [] (`losses.token_cross_entropy` of the logits and
+    batch["labels"], computed in sequence chunks) replace "logits"."""
     logits, hidden, aux_loss, moe_metrics = self.decoder(batch["input_ids"], batch["segment_ids"],
                                                          batch["positions"], replace=self._replace(batch),
-                                                         with_aux=True)
+                                                         with_aux=True, labels=batch["labels"] if lm_loss else None)
     if self.is_initializing() and self.config.contrastive.enabled:
       v, b = self.config.vision, batch["input_ids"].shape[0]
       text = jnp.zeros((b, self.config.contrastive.max_text_len), jnp.int32)
       pixels = jnp.zeros((b, v.image_size, v.image_size, v.num_channels), jnp.float32)
       self.contrastive_embeddings(pixels, text, text == 0)  # creates contrastive/ params
-    out = {"logits": logits, "aux_loss": aux_loss, "moe_metrics": moe_metrics}
+    out = {"aux_loss": aux_loss, "moe_metrics": moe_metrics}
+    if lm_loss:
+      out["loss_sum"], out["num_tokens"] = logits
+    else:
+      out["logits"] = logits
     if return_hidden_states:
       out["hidden_states"] = hidden
     return out
 
+  @_with_kernels
   def contrastive_embeddings(self, pixel_values: jax.Array, text_ids: jax.Array, text_mask: jax.Array):
     """pixel_values [B, H, W, 3] or [B, 1, H, W, 3], text_ids int [B, L], text_mask bool [B, L] ->
     (image_emb f32 [B, E], text_emb f32 [B, E], both L2-normalized; logit_scale = exp(param) [];
@@ -126,12 +146,14 @@ class VLM(nn.Module):
       pixel_values = pixel_values[:, 0]
     return self.contrastive(self.vision(pixel_values), text_ids, text_mask)
 
+  @_with_kernels
   def prefill(self, batch: dict[str, jax.Array]) -> jax.Array:
     """Runs a left-padded prompt batch on an empty cache (mutable=["cache"]) -> logits f32 [B, S, V]."""
     logits, _ = self.decoder(batch["input_ids"], batch["segment_ids"], batch["positions"],
                              replace=self._replace(batch), decode=True)
     return logits
 
+  @_with_kernels
   def decode_step(self, input_ids: jax.Array, positions: jax.Array,
                   segment_ids: jax.Array | None = None) -> jax.Array:
     """input_ids, positions int [B, 1] (segment_ids default 1) -> logits f32 [B, 1, V]; writes the cache."""

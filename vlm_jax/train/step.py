@@ -148,8 +148,8 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
       loss = losses.clip_loss(image, text, scale, negatives, **masks)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
     return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
-  out = model.apply({"params": params}, batch)
-  loss_sum, count = losses.token_cross_entropy(out["logits"], batch["labels"])
+  out = model.apply({"params": params}, batch, lm_loss=True)  # chunked: no [B, S, V] logits
+  loss_sum, count = out["loss_sum"], out["num_tokens"]
   weight = count.astype(jnp.float32)
   aux_sum = jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight
   return loss_sum, aux_sum, weight, dict(out.get("moe_metrics", {}))
