@@ -26,6 +26,7 @@ import dataclasses
 import json
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import numpy as np
 import tqdm
 from etils import epath
@@ -294,7 +295,8 @@ def evaluate(workdir: str | epath.PathLike, *, split: str = "test", limit: int |
   """Scores a workdir's model (`stage`, default its last finished stage; or `generator`) on `split` of
   `dataset` (default the first dataset of its last conversation stage), the first `limit` records only if
   given, by `metric` (see `score`). Writes W/eval/results.json, W/eval/predictions.jsonl (one line per answer, see `score`) and
-  W/eval/samples.png; returns the results (see `score`)."""
+  W/eval/samples.png; returns the results (see `score`). In a multi-host run every process asks every question
+  (the generator's batches run over the whole mesh) and only process 0 writes the files."""
   # pylint: disable=import-outside-toplevel  (model and checkpoint imports only when evaluating)
   from vlm_jax import workdir as workdir_lib
   from vlm_jax.generate import Generator
@@ -303,8 +305,11 @@ def evaluate(workdir: str | epath.PathLike, *, split: str = "test", limit: int |
   if generator is None:
     generator = Generator(*workdir_lib.load(workdir, stage))
   records = eval_records(config, split, limit, data_dir, dataset)
-  results, predictions = score(generator, records, batch_size=batch_size, progress=progress, metric=metric,
-                               answer_tokens=answer_tokens)
+  writer = jax.process_index() == 0
+  results, predictions = score(generator, records, batch_size=batch_size, progress=progress and writer,
+                               metric=metric, answer_tokens=answer_tokens)
+  if not writer:
+    return results
   write_results(workdir, results)
   predictions_path(workdir).write_text("".join(json.dumps(p) + "\n" for p in predictions))
   samples = grid_samples(records, predictions)

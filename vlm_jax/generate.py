@@ -26,12 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
 from vlm_jax.config import Config, InputError, ModelConfig
 from vlm_jax.inputs import chat, examples, files, packing
@@ -39,6 +42,7 @@ from vlm_jax.inputs.images import process_image
 from vlm_jax.inputs.tokenizer import IMAGE_TOKEN, Tokenizer
 from vlm_jax.model.decoder import unscanned
 from vlm_jax.model.vlm import VLM, init_cache
+from vlm_jax.sharding import data_sharding, replicated
 
 PROMPT_BUCKET = 16
 
@@ -166,12 +170,31 @@ def read_image(path: str) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
+def params_mesh(params: Any) -> Mesh | None:
+  """The mesh `params` are placed on (the training mesh: a NamedSharding over several devices), else None."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every process (gathered when other hosts hold parts of it)."""
+  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
 class Generator:
-  """Answers requests with a model: `Generator(config, params, tokenizer).generate([(images, prompt)])`."""
+  """Answers requests with a model: `Generator(config, params, tokenizer).generate([(images, prompt)])`.
+
+  With params on a mesh (`workdir.load`, the train loop's eval) batches run in that mesh: every process
+  prepares the same requests, the rows go over the batch axes (data, fsdp, expert) when they divide evenly
+  (else every device holds them all) and every process gets the whole output."""
 
   def __init__(self, config: Config, params: Any, tokenizer: Tokenizer):
     self.config = config
     self.params = params
+    self.mesh = params_mesh(params)
     self.tokenizer = tokenizer
     self.preprocessor = examples.Preprocessor(config, tokenizer)  # checks the image id and vocab size
     self.stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
@@ -215,26 +238,40 @@ class Generator:
     rows = 1 << (len(encoded) - 1).bit_length()
     return self.batch(encoded + encoded[:1] * (rows - len(encoded)))
 
+  def place(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Host arrays (the same on every process) -> global arrays on the params' mesh: the leading (row) axis over
+    the batch axes when it divides evenly, else replicated. Unchanged without a mesh."""
+    if self.mesh is None:
+      return arrays
+    shards = math.prod(self.mesh.shape[a] for a in data_sharding(self.mesh, 1).spec[0])
+
+    def put(v):
+      v = np.asarray(v)
+      even = v.ndim > 0 and v.shape[0] % shards == 0
+      return jax.make_array_from_process_local_data(data_sharding(self.mesh, v.ndim) if even
+                                                    else replicated(self.mesh), v, v.shape)
+    return {k: put(v) for k, v in arrays.items()}
+
   def run(self, batch: dict[str, np.ndarray], *, max_new_tokens: int = 32, min_new_tokens: int = 0,
           sampling: Sampling = Sampling(), seed: int = 0) -> np.ndarray:
     """Prefill + decode of a prepared batch -> ids int32 [B, max_new_tokens], pad after a row's stop token
     (the stop token itself is kept). No stop token before min_new_tokens."""
     logits, cache = self.prefill(batch, max_new_tokens)
-    return np.asarray(self.decode(batch, logits, cache, max_new_tokens=max_new_tokens,
-                                  min_new_tokens=min_new_tokens, sampling=sampling, seed=seed))
+    return to_host(self.decode(batch, logits, cache, max_new_tokens=max_new_tokens,
+                               min_new_tokens=min_new_tokens, sampling=sampling, seed=seed))
 
   def prefill(self, batch: dict[str, np.ndarray], max_new_tokens: int) -> tuple[jax.Array, Any]:
     """The prompts of a prepared batch -> (last-slot logits f32 [B, V], a cache with room for max_new_tokens)."""
     if max_new_tokens < 1:
       raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    return _prefill(self.params, batch, model=self.config.model,
+    return _prefill(self.params, self.place(batch), model=self.config.model,
                     cache_len=batch["input_ids"].shape[1] + max_new_tokens)
 
   def decode(self, batch: dict[str, np.ndarray], logits: jax.Array, cache: Any, *, max_new_tokens: int,
              min_new_tokens: int = 0, sampling: Sampling = Sampling(), seed: int = 0) -> jax.Array:
     """From `prefill`'s outputs: the first token from its logits, then up to max_new_tokens - 1 cached decode
     steps -> ids int32 [B, max_new_tokens] (on device)."""
-    prompt_lengths = (batch["segment_ids"] > 0).sum(axis=1).astype(np.int32)
+    prompt_lengths = self.place({"n": (np.asarray(batch["segment_ids"]) > 0).sum(axis=1).astype(np.int32)})["n"]
     return _decode(self.params, cache, logits, prompt_lengths, jax.random.key(seed), model=self.config.model,
                    max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, sampling=sampling,
                    stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size)
