@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,11 @@ def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.
   (resample, max_image_size, image_splitting). padding_side: of the exported tokenizer (left for batched
   generation).
   """
+  if is_remote(out_dir):  # transformers and safetensors write local files: write them here, then copy them up
+    with tempfile.TemporaryDirectory() as tmp:
+      export(params, model_config, tokenizer_dir, tmp, dtype=dtype, fmt=fmt, data=data, padding_side=padding_side,
+             max_shard_size=max_shard_size)
+      return upload(tmp, out_dir)
   import torch
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +225,22 @@ def export(params: Any, model_config: ModelConfig, tokenizer_dir: str | pathlib.
   return out
 
 
+def is_remote(path: str | pathlib.Path) -> bool:
+  """gs:// and other URLs (etils.epath reads and writes them), not paths on this machine."""
+  return "://" in str(path)
+
+
+def upload(local_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> epath.Path:
+  """Copies every file under `local_dir` to the same relative path under `out_dir` (local or gs://)."""
+  out = epath.Path(out_dir)
+  for path in sorted(pathlib.Path(local_dir).rglob("*")):
+    if path.is_file():
+      target = out / path.relative_to(local_dir).as_posix()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(path.read_bytes())
+  return out
+
+
 def eos_ids(tokenizer: Tokenizer) -> list[int]:
   """Ids generation stops at: `<|im_end|>` (ChatML turn end; a model with its own template may lack it) and the
   tokenizer's eos."""
@@ -249,6 +271,10 @@ def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, 
       trained = lora.trained_in_full(params, stage_config.trainable, stage_config.lora)
       stacked = (lambda p: re.sub(r"/layers_\d+/", "/layers/", p)) if config.model.scan_layers else (lambda p: p)
       full = {p: x for p, x in hf_names.flatten(params).items() if stacked(p) in trained}
+      if is_remote(out_dir):
+        with tempfile.TemporaryDirectory() as tmp:
+          peft.save_adapter(tmp, adapters, stage_config.lora, config.model, full)
+          return upload(tmp, out_dir)
       return peft.save_adapter(out_dir, adapters, stage_config.lora, config.model, full)
   return export(params, config.model, epath.Path(workdir) / workdir_lib.TOKENIZER_DIR, out_dir, dtype=dtype,
                 fmt=fmt, data=config.data)
