@@ -189,3 +189,20 @@ def test_to_global_shards_the_batch_over_data_axes(data_dir):
     np.testing.assert_array_equal(np.asarray(a), batch[k])
   assert arrays["pixel_values"].addressable_shards[0].data.shape == (1, 2, 48, 48, 3)
   assert jax.device_count() == 8
+
+
+def test_read_threads_decode_in_parallel_without_changing_the_batches(data_dir):
+  cfg, stage, tok = _setup(data_dir)
+  assert cfg.data.read_threads == 2 and cfg.data.num_workers == 0  # shapes_tiny: a small machine
+  batches = {}
+  for threads in (1, 4):
+    threaded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, read_threads=threads))
+    it = loader.make_loader(threaded, stage, tok, process_index=0, process_count=1)
+    batches[threads] = [next(it) for _ in range(3)]
+  for one, four in zip(*batches.values()):
+    for key in one:
+      np.testing.assert_array_equal(one[key], four[key])
+  with pytest.raises(config_lib.ConfigError, match="data.read_threads=0 >= 1"):
+    config_lib.load("shapes_tiny", ["data.read_threads=0"])
+  with pytest.raises(config_lib.ConfigError, match="data.num_workers=-1 must be >= 0"):
+    config_lib.load("shapes_tiny", ["data.num_workers=-1"])
