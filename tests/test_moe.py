@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fixtures_model import (IMG, assert_decode_equals_full_forward, jit_apply, make_batch, make_row, random_pixels,
                             sharded_value_and_grad)
+from fixtures_numerics import assert_f32_close, assert_trees_f32_close
 from jax.sharding import PartitionSpec as P
 
 from vlm_jax import config, sharding
@@ -236,7 +237,7 @@ def test_scanned_groups_equal_unscanned_layers():
   assert shapes["decoder"]["layers"]["layers_1"]["moe"]["experts"]["gate_up"].shape == (2, E, 32, 2, 32)
   batch = _text_batch()
   loop, scan = jit_apply(loop_cfg)({"params": params}, batch), jit_apply(scan_cfg)({"params": scanned}, batch)
-  np.testing.assert_allclose(np.asarray(scan["logits"]), np.asarray(loop["logits"]), atol=1e-5)
+  assert_f32_close(scan["logits"], loop["logits"])
   np.testing.assert_allclose(float(scan["aux_loss"]), float(loop["aux_loss"]), rtol=1e-6)
   assert float(loop["aux_loss"]) > 0.1 * 2 * 1.0  # two MoE layers, load balancing >= 1 each
 
@@ -275,11 +276,12 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_cfg, every_n, capacity_
   assert layers["moe"]["experts"]["down"].spec == P(None, "expert", "tensor", "fsdp")
   assert layers["moe"]["router"]["kernel"].spec == P(None, "fsdp", None)
   assert sharding.data_sharding(mesh, 2).spec == P(("data", "fsdp", "expert"), None)
+  # The [B, S, E] router probabilities are gathered over the batch axes for top_k (vlm_jax/model/moe.py): small,
+  # but every device routes the whole batch. Hidden states and logits stay sharded.
   (sharded_loss, sharded_metrics), sharded_grads = sharded_value_and_grad(loss_fn, params, batch, mesh, shardings,
-                                                                          has_aux=True)
-  np.testing.assert_allclose(float(sharded_loss), float(loss), atol=1e-5)
-  for a, b in zip(jax.tree.leaves((grads, metrics)), jax.tree.leaves((sharded_grads, sharded_metrics))):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+                                                                          has_aux=True, allow_trailing={(E,)})
+  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
+  assert_trees_f32_close((sharded_grads, sharded_metrics), (grads, metrics))
   router_grad = (grads["decoder"]["layers"] if every_n == 1 else grads["decoder"]["layers"]["layers_1"])["moe"]
   assert float(jnp.abs(router_grad["router"]["kernel"]).max()) > 1e-4 and float(loss) > 1.0
   if capacity_factor:
