@@ -2,7 +2,7 @@
 (EXIF-rotated) JPEG for the image readers.
 
 Import the fixture into a test module (`from fixtures_data import shapes_data_dir`); preparing is a no-op
-when the session's copy already exists, so modules share one copy.
+when the run's copy already exists, so modules share one copy.
 """
 import numpy as np
 import PIL.Image

@@ -4,7 +4,7 @@ source "$(dirname "$0")/common.sh"
 USAGE="Usage: tpu/launch.sh --name NAME --zone ZONE --config CONFIG --workdir gs://BUCKET/RUN [options] [-- ARGS]
 
 Runs the same 'vlm-jax train --config CONFIG --workdir WORKDIR ...' on all workers at once (a multi-host
-slice needs every host in the run), detached with nohup so it survives the ssh session; output goes to
+slice needs every host in the run), detached with nohup so it survives the ssh connection closing; output goes to
 ~/$REMOTE_DIR/logs/LOG.log on each worker (read it with tpu/logs.sh). JAX_PLATFORMS is unset so JAX
 uses the TPU. Training resumes from WORKDIR, so relaunching after a preemption continues the run.
 
