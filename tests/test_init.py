@@ -302,7 +302,8 @@ def get_config():
   stages = (config_lib.StageConfig(name="align", trainable=("projector/.*",), lr=1e-4, **common),
             config_lib.StageConfig(name="instruct", trainable=("projector/.*", "decoder/.*"), lr=1e-4, **common))
   data = dataclasses.replace(cfg.data, data_dir=DATA_DIR, seq_len=128, max_tiles=1, image_splitting=False,
-                             max_image_size=0, packing=False)
+                             max_image_size=0, packing=False,
+                             num_workers=0, read_threads=2)  # no grain worker processes in a test
   return dataclasses.replace(cfg, data=data, mesh=config_lib.MeshConfig(data=-1),
                              train=config_lib.TrainConfig(stages=stages))
 '''
