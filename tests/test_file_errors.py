@@ -118,3 +118,16 @@ def test_truncated_parquet(tmp_path, capsys):
   line = _fails(capsys, ["data", "prepare", "hf_parquet", "--data-dir", str(tmp_path / "d"), "--parquet", str(path),
                          "--format", "vqa"], "data prepare")
   assert f"{path}: cannot read this parquet file (ArrowInvalid: Parquet magic bytes not found in footer." in line
+
+
+def test_truncated_safetensors(tmp_path, capsys):
+  from tests.fixtures_convert import build_llava  # pylint: disable=import-outside-toplevel  (imports torch)
+  hf_dir = tmp_path / "llava"
+  build_llava("clip", 64).save_pretrained(hf_dir)
+  weights = hf_dir / "model.safetensors"
+  size = weights.stat().st_size
+  weights.write_bytes(weights.read_bytes()[:size // 2])
+  line = _fails(capsys, ["import-hf", "--hf-dir", str(hf_dir), "--workdir", str(tmp_path / "w")], "import-hf")
+  assert line.endswith(f"{weights}: cannot read this safetensors file (SafetensorError: Error while deserializing "
+                       "header: incomplete metadata, file not fully covered); download or save the model again: the "
+                       "file is damaged or truncated."), line

@@ -86,8 +86,10 @@ class Checkpoint:
   def _safe_open(self, file: str) -> Any:
     """safetensors' reader of one file of the directory; a remote (gs://) file is copied to a local temporary
     file first (safetensors memory-maps local files only), so both kinds of path are read the same way."""
-    from safetensors import safe_open
-    return safe_open(local_copy(self.dir / file), framework="pt")
+    from safetensors import SafetensorError, safe_open
+    with files.reading(self.dir / file, "safetensors file", "download or save the model again: the file is "
+                       "damaged or truncated", errors=(SafetensorError, OSError)):
+      return safe_open(local_copy(self.dir / file), framework="pt")
 
   def read(self, entries: list[hf_names.Entry], allow_unused: Callable[[str], bool] = lambda k: False
            ) -> dict[str, np.ndarray]:
