@@ -74,6 +74,11 @@ def reference(shapes_data_dir, tmp_path_factory):  # noqa: F811
   return losses
 
 
+def child_xla_flags():
+  """conftest.py's XLA flags (the plain scheduler, LLVM -O0) less its device count: `--cpu-devices` sets that."""
+  return " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -86,8 +91,7 @@ def launched(workdir, logs, overrides, processes=2, cpu_devices=4):
   Kills whatever still runs on the way out."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             # The concurrency-optimized XLA:CPU scheduler can deadlock all-gathers (see conftest.py).
-             XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
+             XLA_FLAGS=child_xla_flags())
   cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir), "--stage",
          "align", "--cpu-devices", str(cpu_devices)]
   port = free_port()
@@ -231,7 +235,7 @@ def test_hosts_of_one_batch_shard_feed_the_same_rows(shapes_data_dir, tmp_path):
   """tensor=8 over 2 hosts: one feed group, so both hosts feed the whole batch, the batches of 1 process with 8
   devices; data=8 over 2 hosts: 2 groups of half batches, the batches of 1 process reading 2 data shards."""
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_xla_flags())
   procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_feed.py"), CONFIG, shapes_data_dir,
                              str(tmp_path), f"127.0.0.1:{port}", "2", str(i)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]

@@ -47,7 +47,7 @@ def losses_by_step(workdir, stage):
 
 
 def train_cli(workdir, data_dir, log, overrides=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ["XLA_FLAGS"],  # conftest.py's, as in this process
              JAX_COMPILATION_CACHE_DIR=os.path.expanduser("~/.cache/vlm_jax/jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "vlm_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir), "--stage",
