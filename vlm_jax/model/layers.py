@@ -134,7 +134,8 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-# Names the decoder gives its projections' outputs (jax.ad_checkpoint.checkpoint_name), as MaxText does.
+# Names the decoder gives its projections' outputs (jax.ad_checkpoint.checkpoint_name), as MaxText does. Only the
+# decoder names them: a ViT or text-tower block under a named policy keeps its input alone, as with full.
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 ATTENTION_NAMES = QKV_NAMES + ("out_proj",)
 MLP_NAMES = ("mlp_gate", "mlp_up", "mlp_down")
@@ -145,7 +146,8 @@ REMAT_POLICIES = {
     "minimal": _save(*ATTENTION_NAMES, *MLP_NAMES),  # keep every named projection, recompute attention itself
     "save_dot_except_mlp": _save(*ATTENTION_NAMES),  # keep q/k/v and attention out, recompute the MLP
     "save_qkv_proj": _save(*QKV_NAMES),  # keep q/k/v only
-    # TPU / GPU: q/k/v and attention out go to pinned host memory in the forward pass and come back for backward
+    # TPU / GPU: q/k/v and attention out go to pinned host memory in the forward pass and come back for backward.
+    # XLA:CPU has no memory but host RAM: there it compiles to save_dot_except_mlp's program (tests/test_remat.py).
     "offload_dot_except_mlp": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(ATTENTION_NAMES), offload_src="device",
         offload_dst="pinned_host"),
