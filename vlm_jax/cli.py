@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="also export the model to transformers and time its train step and generate (f32, bf16)")
   p.add_argument("--json", default=None, metavar="OUT", help="write every number to this JSON file")
   p.add_argument("--quick", action="store_true",
-                 help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 8 new "
+                 help="for tests: few repeats, the config's dtype and shape only (no scaling sweep), 48 new "
                  "tokens; compile times may be persistent-cache hits")
   p.add_argument("--serve", action="store_true",
                  help="instead: the serving engine under 1, 4 and 16 concurrent clients (output tokens/s, time to "
