@@ -1,9 +1,12 @@
 """LoRA (vlm_jax/model/lora.py): step 0 equals the base, merged = base + adapters, a LoRA stage leaves the base
 bit-identical with optimizer state for the adapters and the projector only, adapters handed on or merged between
-stages, exact resume after SIGKILL, adapter shardings on an 8-device mesh, and the exports: merged and PEFT adapter
-give vlm_jax's logits and greedy tokens under transformers / peft, and the adapter imports back."""
+stages, exact resume after SIGKILL (align trains with LoRA dropout), adapter shardings on an 8-device mesh, the
+exports: merged and PEFT adapter give vlm_jax's logits and greedy tokens under transformers / peft, and the adapter
+imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the folded path, masks keyed
+by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +26,15 @@ from vlm_jax import config as config_lib
 from vlm_jax.config import LoraConfig, MeshConfig
 from vlm_jax.convert import export, hf_names, load, peft
 from vlm_jax.inputs.tokenizer import Tokenizer
-from vlm_jax.model import lora, vlm
+from vlm_jax.model import layers, lora, vlm
 from vlm_jax.sharding import make_mesh
 from vlm_jax.train import optimizer, run, step
 
-# align: LoRA on the decoder (rank 4) + the projector in full, bf16, remat, 2 micro-batches, tensor-parallel mesh;
-# instruct: the same adapters handed on unmerged, the rest of the decoder in full.
+# align: LoRA on the decoder (rank 4, dropout 0.1) + the projector in full, bf16, remat, 2 micro-batches,
+# tensor-parallel mesh; instruct: the same adapters handed on unmerged (no dropout), the rest of the decoder in full.
 LORA_RUN = ["model.dtype=bfloat16", "model.remat=full", "mesh.data=4", "mesh.tensor=2",
             "train.stages.align.grad_accum=2", "train.stages.align.lora.rank=4", "train.stages.align.lora.alpha=8",
+            "train.stages.align.lora.dropout=0.1",
             "train.stages.instruct.lora.rank=4", "train.stages.instruct.lora.alpha=8"]
 ADAPTED = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate", "mlp/up", "mlp/down")
 
@@ -235,3 +239,141 @@ def test_workdir_export_adapter_on_base_equals_merged(lora_run, tmp_path):
   assert np.abs(want.numpy() - before.numpy()).max() > 1e-3  # the adapters do change the model
   config = hf_peft.PeftConfig.from_pretrained(outs["adapter"])
   assert "model.text_model.embed_tokens" in config.modules_to_save  # instruct trains the rest of the decoder in full
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA dropout: x W + dropout(x) A B alpha / r while training
+
+
+class _TwoCalls(nn.Module):
+  """A layer calling its Dense twice (as the chunked MLP does): each call draws its own mask."""
+
+  @nn.compact
+  def __call__(self, x):
+    proj = layers.dense(8, ("embed", "mlp"), name="proj", dtype=jnp.float32, use_bias=False)
+    return proj(x) + proj(2.0 * x), None
+
+
+class _Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return layers.stack_layers(_TwoCalls, {}, num_layers=2, scanned=True, remat="full")(x)
+
+
+def test_dropout_branch_equals_a_hand_made_reference_with_the_same_masks():
+  model, x = _Stack(), jax.random.normal(jax.random.PRNGKey(0), (3, 5, 8))
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), x)["params"])
+  lc = LoraConfig(rank=4, alpha=2.0, targets=("layers/proj/kernel",), dropout=0.25)
+  adapters = randomized(lora.init(params, lc, jax.random.PRNGKey(2)), std=0.5)
+  rng = jax.random.PRNGKey(3)
+  got = np.asarray(jax.jit(lambda p, a, r: lora.apply_with_dropout(model, p, a, lc, r, jnp.float32, x))(
+      params, adapters, rng))
+  # Layer l's key: split(fold_in(rng, target index 0), layers)[l]; the n-th call of the Dense folds in n (n > 0).
+  w = np.asarray(params["layers"]["proj"]["kernel"], np.float64)
+  a, b = (np.asarray(adapters["layers"]["proj"]["kernel"][n], np.float64) for n in ("lora_a", "lora_b"))
+  keys = jax.random.split(jax.random.fold_in(rng, 0), 2)
+  masks = []
+
+  def dense(layer, v, n):
+    key = keys[layer] if n == 0 else jax.random.fold_in(keys[layer], n)
+    keep = np.asarray(jax.random.bernoulli(key, 0.75, v.shape))
+    masks.append(keep)
+    return v @ w[layer] + (np.where(keep, v / 0.75, 0.0) @ a[layer] @ b[layer]) * (2.0 / 4)
+  want = np.asarray(x, np.float64)
+  for layer in range(2):
+    want = dense(layer, want, 0) + dense(layer, 2.0 * want, 1)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert all(0.6 < m.mean() < 0.9 for m in masks) and len({m.tobytes() for m in masks}) == 4
+  # Without dropout on the branch the output is the folded model's.
+  folded = np.asarray(model.apply({"params": lora.apply(params, adapters, lc)}, x))
+  assert np.abs(got - folded).max() > 0.1
+  no_drop = dataclasses.replace(lc, dropout=0.0)
+  np.testing.assert_allclose(np.asarray(lora.apply_with_dropout(model, params, adapters, no_drop, rng, jnp.float32, x)),
+                             folded, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_on_the_tiny_vlm_rate_0_is_the_folded_path_and_b_0_is_the_base():
+  cfg = tiny_config()
+  batch = lm_batch(cfg)
+  model = vlm.VLM(cfg.model)
+  params = vlm.init_params(cfg.model, jax.random.PRNGKey(0))
+  lc = LoraConfig(rank=4, alpha=8.0, targets=(config_lib.LORA_DECODER, "vision/layers/attn/(q|out)/kernel"),
+                  dropout=0.5)
+  fresh = lora.init(params, lc, jax.random.PRNGKey(1))
+  trained = randomized(fresh)
+  dropped = jax.jit(lambda a, r, c: lora.apply_with_dropout(model, params, a, c, r, jnp.float32, batch)["logits"],
+                    static_argnums=2)
+  folded = jax.jit(lambda a: model.apply({"params": lora.apply(params, a, lc)}, batch)["logits"])
+  rng = jax.random.PRNGKey(5)
+  np.testing.assert_allclose(np.asarray(dropped(trained, rng, dataclasses.replace(lc, dropout=0.0))),
+                             np.asarray(folded(trained)), rtol=0, atol=1e-5)
+  # B = 0: the branch is zero whatever the mask, the logits are the base's (up to XLA's f32 reassociation: 3.5e-6).
+  base = np.asarray(jax.jit(lambda: model.apply({"params": params}, batch)["logits"])())
+  np.testing.assert_allclose(np.asarray(dropped(fresh, rng, lc)), base, rtol=0, atol=1e-5)
+  once, again, other = (np.asarray(dropped(trained, r, lc)) for r in (rng, rng, jax.random.PRNGKey(6)))
+  assert once.tobytes() == again.tobytes()
+  assert np.abs(once - np.asarray(folded(trained))).max() > 1e-2 and np.abs(once - other).max() > 1e-2
+  with pytest.raises(config_lib.ConfigError, match="patch_embed"):  # an nn.Conv: no dropout path
+    conv = dataclasses.replace(lc, targets=("vision/patch_embed/kernel",))
+    lora.apply_with_dropout(model, params, lora.init(params, conv, rng), conv, rng, jnp.float32, batch)
+  with pytest.raises(config_lib.ConfigError, match="dropout"):
+    tiny_config(overrides=["train.stages.instruct.lora.dropout=0.1"])  # no adapters (rank 0)
+
+
+def test_dropout_train_step_masks_follow_the_step():
+  """Two steps from the same state are bit-identical; resuming from step 1's state gives step 2 again; the loss
+  differs from the no-dropout loss and with the seed."""
+  cfg = tiny_config()
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  stage = dataclasses.replace(cfg.train.stage("instruct"), batch_size=8, grad_accum=2, warmup_steps=0,
+                              lora=LoraConfig(rank=4, alpha=8.0, dropout=0.2, dropout_seed=7))
+  tx = optimizer.make_optimizer(stage, vlm.abstract_params(cfg.model)[0])
+  abstract = step.abstract_state(cfg, stage, mesh, tx)
+  params = step.stage_params(step.init_params(cfg, mesh, jax.random.PRNGKey(0)), cfg, stage, mesh)
+  params = {**params, "lora": jax.device_put(randomized(jax.device_get(params["lora"])),
+                                             step.shardings_of(abstract["params"]["lora"]))}
+  start = jax.device_get(step.init_state(params, tx, abstract))
+  train_step = step.make_train_step(vlm.VLM(cfg.model), stage, mesh, tx, abstract)
+  put = lambda host: jax.device_put(host, step.shardings_of(abstract))
+  batches = [lm_batch(cfg, seed=i) for i in range(2)]
+  with step.use_mesh(mesh):
+    s1, m1 = train_step(put(start), batches[0])
+    after_1 = jax.device_get(s1)
+    s2, m2 = train_step(s1, batches[1])
+    s2_again, m2_again = train_step(put(after_1), batches[1])
+    _, m1_again = train_step(put(start), batches[0])
+  assert np.asarray(m1["loss"]).tobytes() == np.asarray(m1_again["loss"]).tobytes()
+  assert np.asarray(m2["loss"]).tobytes() == np.asarray(m2_again["loss"]).tobytes()
+  assert bytes_equal(jax.device_get(s2["params"]), jax.device_get(s2_again["params"]))
+  # The same step's loss under other keys (none: the folded path, as eval runs) differs.
+  model, labels = vlm.VLM(cfg.model), optimizer.trainable_labels(abstract["params"], stage)
+
+  @jax.jit
+  def loss(params, batch, rng):
+    trainable, frozen = step.split_trainable(params, labels)
+    loss_sum, _, weight, _, _ = step.accumulate_grads(model, stage, mesh, trainable, frozen, batch, rng)
+    return loss_sum / weight
+  with step.use_mesh(mesh):
+    folded = step.make_eval_step(model, stage, mesh, abstract)(put(start)["params"], batches[0])["loss"]
+    keyed = [float(loss(put(start)["params"], batches[0], step.lora_dropout_key(stage.lora, jnp.int32(0)))),
+             float(loss(put(start)["params"], batches[0], jax.random.PRNGKey(8)))]
+  assert keyed[0] == pytest.approx(float(m1["loss"]), abs=1e-6)
+  assert abs(keyed[0] - float(folded)) > 1e-4 and abs(keyed[0] - keyed[1]) > 1e-4
+
+
+def test_a_step_without_dropout_draws_no_random_numbers():
+  """lora.dropout=0: the step lowers to the same program whatever dropout_seed (the LoRA step as it was before
+  dropout existed); dropout > 0 brings the threefry RNG in."""
+  cfg = tiny_config()
+  mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+
+  def lowered(**fields):
+    stage = dataclasses.replace(cfg.train.stage("instruct"), batch_size=8, lora=LoraConfig(rank=4, **fields))
+    tx = optimizer.make_optimizer(stage, vlm.abstract_params(cfg.model)[0])
+    abstract = step.abstract_state(cfg, stage, mesh, tx)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm_batch(cfg))
+    with step.use_mesh(mesh):
+      return step.make_train_step(vlm.VLM(cfg.model), stage, mesh, tx, abstract).lower(abstract, batch).as_text()
+  plain, seeded, dropped = lowered(), lowered(dropout_seed=5), lowered(dropout=0.1)
+  assert plain == seeded and "threefry" not in plain
+  assert "threefry" in dropped

@@ -240,11 +240,18 @@ class LoraConfig:
   """LoRA adapters of a stage (vlm_jax/model/lora.py): kernel W -> W + alpha / rank * A @ B, only A and B train.
   `targets` regexes fully match '/'-joined kernel paths (as `trainable` does); the targeted kernels stay frozen
   whatever `trainable` says. merge_at_end: the next stage gets W + alpha / rank * A @ B as its base (else it
-  continues these adapters when its lora config is the same, and merges them otherwise)."""
+  continues these adapters when its lora config is the same but for dropout, and merges them otherwise)."""
   rank: int = 0  # 0: no adapters
   alpha: float = 16.0
   targets: tuple[str, ...] = (LORA_DECODER,)
   merge_at_end: bool = False
+  # PEFT's lora_dropout, on the adapter branch's input while training: y = x W + dropout(x) A B alpha / rank (eval
+  # and generation fold the adapters). Masks are keyed by fold_in(PRNGKey(dropout_seed), step): resume-exact.
+  dropout: float = 0.0
+  dropout_seed: int = 0
+  # QLoRA-style: the targeted base kernels are stored int8 with a float32 scale per output channel (absmax) and
+  # dequantized to the compute dtype in the step (vlm_jax/model/quantize.py).
+  quantize_base: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +384,10 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"train.stages.{s.name}.lora: need rank >= 0 (0: off) and, with adapters, alpha > 0 and at "
                         f"least one targets regex (got rank={s.lora.rank}, alpha={s.lora.alpha}, "
                         f"targets={s.lora.targets}).")
+    if not 0 <= s.lora.dropout < 1 or ((s.lora.dropout or s.lora.quantize_base) and not s.lora.rank):
+      raise ConfigError(f"train.stages.{s.name}.lora: need 0 <= dropout < 1, and rank > 0 for dropout or "
+                        f"quantize_base (they act on adapters); got dropout={s.lora.dropout}, quantize_base="
+                        f"{s.lora.quantize_base}, rank={s.lora.rank}.")
     if s.eval_every < 0 or (s.eval_every and s.eval_limit <= 0):
       raise ConfigError(f"train.stages.{s.name}: need eval_every >= 0 (0: no evaluation while training) and "
                         f"eval_limit > 0 records when evaluating (got eval_every={s.eval_every}, "

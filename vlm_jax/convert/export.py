@@ -266,6 +266,7 @@ def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, *, 
     if adapters is None:
       raise InputError(f"Stage {stage_config.name!r} of {workdir} has no LoRA adapters (lora.rank=0): export it "
                        "without --adapter / --base.")
+    params = lora.dequantized(params, adapters)  # a quantize_base stage's int8 kernels: float32 again
     if part == "adapter":
       from vlm_jax.convert import peft
       trained = lora.trained_in_full(params, stage_config.trainable, stage_config.lora)

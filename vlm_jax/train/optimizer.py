@@ -26,7 +26,8 @@ def param_paths(params: Any) -> Any:
 
 def trainable_labels(params: Any, stage: StageConfig) -> Any:
   """Pytree of "train" / "frozen": a param trains when its path fully matches one of `stage.trainable`.
-  With LoRA (params holding adapters under `lora`): the adapters train and the kernels they adapt are frozen.
+  With LoRA (params holding adapters under `lora`): the adapters train and the kernels they adapt are frozen (an
+  int8 base's scales too).
 
   A regex that matches no param is a config error (it names the regex and the top-level paths), so a typo
   cannot silently freeze the whole model.
@@ -39,7 +40,7 @@ def trainable_labels(params: Any, stage: StageConfig) -> Any:
       raise ConfigError(f"train.stages.{stage.name}.trainable: {pattern!r} matches no param. Params start with "
                         f"{tops}, e.g. {paths[0]!r}; patterns must match the whole path, e.g. 'projector/.*'.")
   full = lora_lib.trained_in_full(base, stage.trainable, stage.lora if adapters is not None else LoraConfig())
-  label = lambda p: TRAIN if p in full or p.startswith(f"{lora_lib.KEY}/") else FROZEN
+  label = lambda p: TRAIN if p in full or lora_lib.is_factor(p) else FROZEN
   return jax.tree.map(label, param_paths(params))
 
 

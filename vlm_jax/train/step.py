@@ -1,7 +1,8 @@
 """Jitted train / eval steps with explicit shardings, gradient accumulation and frozen params passed through.
 
-The train state is a plain dict {step int32 [], params, opt_state}: no RNG, since nothing in the model draws
-random numbers while training (a feature that does brings its own key). Its shardings come from the params'
+The train state is a plain dict {step int32 [], params, opt_state}: no RNG. The one feature that draws random
+numbers while training, LoRA dropout, keys its masks by fold_in(PRNGKey(lora.dropout_seed), step), so a resumed
+step draws the same masks; without it the step has no RNG at all. Its shardings come from the params'
 logical axis names (`vlm_jax.sharding`); optimizer moments take the sharding of their param. Call the
 steps inside `use_mesh(mesh)` (the mesh and the logical axis rules the model's constraints read while tracing).
 
@@ -102,7 +103,7 @@ def stage_params(params: Any, config: Config, stage: StageConfig, mesh: Mesh,
   base, adapters = lora_lib.split(params)
   shapes, shardings = param_shardings(config, mesh, stage.lora)
   base_shardings = lora_lib.split(shardings)[0]
-  if adapters is not None and (source.merge_at_end or source != stage.lora):
+  if adapters is not None and (source.merge_at_end or not lora_lib.same_adapters(source, stage.lora)):
     base = jax.jit(lambda b, a: lora_lib.merge(b, a, source), out_shardings=base_shardings,
                    donate_argnums=0)(base, adapters)
     adapters = None
@@ -110,8 +111,12 @@ def stage_params(params: Any, config: Config, stage: StageConfig, mesh: Mesh,
     return base
   if adapters is None:
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), LORA_INIT_SEED)
-    adapters = jax.jit(lambda: lora_lib.init(lora_lib.split(shapes)[0], stage.lora, rng),
-                       out_shardings=shardings[lora_lib.KEY])()
+    fresh = lambda: lora_lib.init(lora_lib.split(shapes)[0], stage.lora, rng)
+    if not stage.lora.quantize_base:
+      adapters = jax.jit(fresh, out_shardings=shardings[lora_lib.KEY])()
+    else:  # the float base (fresh, or merged above) becomes int8, its scales go beside the adapters
+      base, adapters = jax.jit(lambda b: lora_lib.quantize_targets(b, fresh(), stage.lora), donate_argnums=0,
+                               out_shardings=(base_shardings, shardings[lora_lib.KEY]))(base)
   return {**base, lora_lib.KEY: adapters}
 
 
@@ -122,14 +127,20 @@ def init_state(params: Any, tx: optax.GradientTransformation, abstract: State) -
   return {"step": step, "params": params, "opt_state": opt_state}
 
 
-def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array]
-                ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str, jax.Array],
+                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
   """-> (loss_sum, aux_sum, weight, moe_metrics) of one micro-batch: loss_sum, aux_sum, weight f32 [], mean loss =
   loss_sum / weight; the MoE router loss enters as aux_loss * weight, so dividing by the total weight averages it
   over micro-batches. moe_metrics: the model's (vlm_jax/model/moe.py `summarize`; {} for a dense decoder).
-  Adapters under params['lora'] are folded into their kernels first, in the compute dtype."""
+  Adapters under params['lora'] are folded into their kernels first, in the compute dtype; with `rng` (LoRA
+  dropout while training) they run unfolded, their input dropped out (`lora.apply_with_dropout`)."""
   params, adapters = lora_lib.split(params)
-  if adapters is not None:
+  apply = model.apply
+  if adapters is not None and rng is not None:
+    dtype = model.config.compute_dtype
+    apply = lambda v, *a, **k: lora_lib.apply_with_dropout(model, v["params"], adapters, stage.lora, rng, dtype,
+                                                          *a, **k)
+  elif adapters is not None:
     params = lora_lib.apply(params, adapters, stage.lora, model.config.compute_dtype)
   if stage.loss == "contrastive":
     b, k = batch["text_ids"].shape[0], model.config.contrastive.hard_negatives
@@ -137,8 +148,8 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
     # One text-tower call over the captions and their hard negatives: [B + B * K, L].
     flat = lambda key: jnp.concatenate([batch[f"text_{key}"]] + ([batch[f"negative_text_{key}"].reshape(
         b * k, -1)] if k else []))
-    image, text, scale, bias = model.apply({"params": params}, batch["pixel_values"], flat("ids"), flat("mask"),
-                                           method=vlm.VLM.contrastive_embeddings)
+    image, text, scale, bias = apply({"params": params}, batch["pixel_values"], flat("ids"), flat("mask"),
+                                     method=vlm.VLM.contrastive_embeddings)
     text, negatives = text[:b], (text[b:].reshape(b, k, *text.shape[1:]) if k else None)
     masks = dict(negative_valid=batch.get("negative_valid"), text_mask=batch["text_mask"],
                  negative_mask=negative_mask)
@@ -148,7 +159,7 @@ def _loss_terms(model: vlm.VLM, stage: StageConfig, params: Any, batch: dict[str
       loss = losses.clip_loss(image, text, scale, negatives, **masks)
     pairs = jnp.asarray(image.shape[0], jnp.float32)
     return loss * pairs, jnp.zeros((), jnp.float32), pairs, {}
-  out = model.apply({"params": params}, batch, lm_loss=True)  # chunked: no [B, S, V] logits
+  out = apply({"params": params}, batch, lm_loss=True)  # chunked: no [B, S, V] logits
   loss_sum, count = out["loss_sum"], out["num_tokens"]
   weight = count.astype(jnp.float32)
   aux_sum = jnp.asarray(out.get("aux_loss", 0.0), jnp.float32) * weight
@@ -198,7 +209,8 @@ def _merge(a: Any, b: Any) -> Any:
 
 
 def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: Any, frozen: Any,
-                     batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
+                     batch: dict[str, jax.Array], rng: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, Any, dict]:
   """-> (loss_sum, aux_sum, weight, grads), the first three summed over stage.grad_accum micro-batches
   (lax.scan), grads = d(loss_sum + aux_sum) / d trainable / max(weight, 1): the gradient of the mean; and the MoE
   metrics averaged over the micro-batches ({} for a dense decoder). Divide the sums by the weight to get means.
@@ -207,27 +219,32 @@ def accumulate_grads(model: vlm.VLM, stage: StageConfig, mesh: Mesh, trainable: 
   is differentiated, so frozen towers cost no backward pass. The weight is known from the batch before the
   forward (`batch_weight`), so each micro-batch's objective is divided by it and the gradients come out averaged:
   dividing the gradient tree afterwards is one more pass over every trainable param (~4% of bench_cpu's step).
+  rng: the LoRA dropout key of this step (None: no dropout); micro-batch a draws with fold_in(rng, a).
   """
   scale = 1.0 / jnp.maximum(batch_weight(stage, batch), 1.0)  # no supervised tokens: zero grads, not NaN
 
-  def objective(t, micro):
-    loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro)
+  def objective(t, micro, key):
+    loss_sum, aux_sum, weight, moe_metrics = _loss_terms(model, stage, _merge(t, frozen), micro, key)
     return (loss_sum + aux_sum) * scale, (loss_sum, aux_sum, weight, moe_metrics)
 
-  def grads_of(micro):
+  def grads_of(micro, key=None):
     (_, (loss_sum, aux_sum, weight, moe_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-        trainable, micro)
+        trainable, micro, key)
     return loss_sum, aux_sum, weight, grads, moe_metrics
 
   if stage.grad_accum == 1:
-    return grads_of(batch)
+    return grads_of(batch, None if rng is None else jax.random.fold_in(rng, 0))
 
   def body(carry, micro):
+    if rng is not None:  # scanned with the micro-batch index
+      micro, index = micro
+      return jax.tree.map(jnp.add, carry, grads_of(micro, jax.random.fold_in(rng, index))), None
     return jax.tree.map(jnp.add, carry, grads_of(micro)), None
   micro_batches = _micro_batches(batch, stage.grad_accum, mesh)
   first = jax.tree.map(lambda x: x[0], micro_batches)
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_of, first))
-  *sums, moe_sums = jax.lax.scan(body, zeros, micro_batches)[0]
+  xs = micro_batches if rng is None else (micro_batches, jnp.arange(stage.grad_accum, dtype=jnp.uint32))
+  *sums, moe_sums = jax.lax.scan(body, zeros, xs)[0]
   return (*sums, jax.tree.map(lambda x: x / stage.grad_accum, moe_sums))
 
 
@@ -247,10 +264,13 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
   check_batch_split(stage, mesh)
   labels = optimizer_lib.trainable_labels(abstract["params"], stage)
   lr_schedule = optimizer_lib.schedule(stage)
+  dropout = lora_lib.KEY in abstract["params"] and stage.lora.dropout > 0
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
     trainable, frozen = split_trainable(state["params"], labels)
-    loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch)
+    rng = lora_dropout_key(stage.lora, state["step"]) if dropout else None
+    loss_sum, aux_sum, weight, grads, moe_metrics = accumulate_grads(model, stage, mesh, trainable, frozen, batch,
+                                                                     rng)
     denominator = jnp.maximum(weight, 1.0)  # a batch without supervised tokens: zero loss, not NaN
     full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
     updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
@@ -267,6 +287,12 @@ def make_train_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, tx: optax.Gr
   state_shardings = shardings_of(abstract)
   return jax.jit(train_step, in_shardings=(state_shardings, data_sharding(mesh, 1)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
+def lora_dropout_key(cfg: LoraConfig, step: jax.Array) -> jax.Array:
+  """The LoRA dropout key of train step `step` (the state's step before the update): from the step alone, so
+  a resumed run draws the same masks."""
+  return jax.random.fold_in(jax.random.PRNGKey(cfg.dropout_seed), step)
 
 
 def make_eval_step(model: vlm.VLM, stage: StageConfig, mesh: Mesh, abstract: State) -> Callable[[Any, dict], dict]:
