@@ -121,12 +121,39 @@ def finish(procs, logs, timeout=300):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_resume_on_two_devices(reference, shapes_data_dir, tmp_path):  # noqa: F811
-  workdir, logs = tmp_path / "two", tmp_path / "two_logs"
+def test_sigterm_saves_an_agreed_step_then_two_processes_train_like_one_and_resume_on_two_devices(
+    reference, shapes_data_dir, tmp_path):  # noqa: F811
+  """One story, three launches: 2 processes SIGTERMed early save an agreed step and exit PREEMPTED; 2 processes
+  resume it and train to the end like 1 process with 8 devices; 1 process with 2 devices resumes their step 15."""
+  workdir, logs = tmp_path / "two", tmp_path / "first_logs"
   logs.mkdir()
-  with launched(workdir, logs, sets(shapes_data_dir, *MESH_8, "train.stages.align.checkpoint_every=15")) as procs:
+  overrides = sets(shapes_data_dir, *MESH_8, "train.stages.align.checkpoint_every=15")
+  with launched(workdir, logs, overrides) as procs:
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      try:
+        logged = metrics.read_metrics(workdir, "align")
+      except ValueError:  # caught a line half-written
+        logged = []
+      if logged and logged[-1]["step"] >= 3:
+        break
+      time.sleep(0.02)
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+    codes, out = finish(procs, logs, timeout=120)
+  assert codes == [distributed.PREEMPTED_EXIT_CODE] * 2, out
+  [agreed] = saved_steps(workdir)  # the preemption save is the only checkpoint (the first periodic one is 15)
+  assert 3 <= agreed < 15, agreed
+  assert checkpoint.finished_step(workdir, "align") is None
+  assert max(losses_by_step(workdir)) == agreed
+  assert f"[align] preempted: saved step {agreed}; rerun" in log_of(logs, 0)
+
+  logs = tmp_path / "second_logs"
+  logs.mkdir()
+  with launched(workdir, logs, overrides) as procs:
     codes, out = finish(procs, logs)
   assert codes == [0, 0], out
+  assert f"[align] resumed from step {agreed}." in log_of(logs, 0)
   assert max_diff(losses_by_step(workdir), reference, range(1, STEPS + 1)) <= TOLERANCE
   assert saved_steps(workdir) == [15, 30] and checkpoint.finished_step(workdir, "align") == STEPS
   # Each process wrote its shard's data position; only process 0 printed.
@@ -147,41 +174,6 @@ def test_two_processes_train_like_one_and_resume_on_two_devices(reference, shape
   got = losses_by_step(resumed)
   assert max_diff(got, reference, range(1, STEPS + 1)) <= TOLERANCE
   assert all(np.isfinite(list(got.values())))
-
-
-@pytest.mark.slow
-def test_sigterm_saves_an_agreed_step_and_the_next_launch_resumes(reference, shapes_data_dir, tmp_path):  # noqa: F811
-  workdir, logs = tmp_path / "run", tmp_path / "first_logs"
-  logs.mkdir()
-  overrides = sets(shapes_data_dir, *MESH_8, "train.stages.align.checkpoint_every=100")  # no periodic saves
-  with launched(workdir, logs, overrides) as procs:
-    deadline = time.time() + 240
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-      try:
-        logged = metrics.read_metrics(workdir, "align")
-      except ValueError:  # caught a line half-written
-        logged = []
-      if logged and logged[-1]["step"] >= 3:
-        break
-      time.sleep(0.02)
-    for p in procs:
-      p.send_signal(signal.SIGTERM)
-    codes, out = finish(procs, logs, timeout=120)
-  assert codes == [distributed.PREEMPTED_EXIT_CODE] * 2, out
-  [agreed] = saved_steps(workdir)  # the preemption save is the only checkpoint
-  assert 3 <= agreed < STEPS, agreed
-  assert checkpoint.finished_step(workdir, "align") is None
-  assert max(losses_by_step(workdir)) == agreed
-  assert f"[align] preempted: saved step {agreed}; rerun" in log_of(logs, 0)
-
-  logs = tmp_path / "second_logs"
-  logs.mkdir()
-  with launched(workdir, logs, overrides) as procs:
-    codes, out = finish(procs, logs)
-  assert codes == [0, 0], out
-  assert f"[align] resumed from step {agreed}." in log_of(logs, 0)
-  assert max_diff(losses_by_step(workdir), reference, range(1, STEPS + 1)) <= TOLERANCE
-  assert checkpoint.finished_step(workdir, "align") == STEPS
 
 
 def test_one_process_reads_the_two_shards_a_two_process_run_reads(shapes_data_dir, tmp_path):  # noqa: F811
