@@ -109,6 +109,20 @@ def test_route_and_router_losses_equal_numpy():
   np.testing.assert_allclose(np.asarray(uw), 0.5)
 
 
+def test_top_k_equals_lax_top_k_with_ties_and_gradients():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 8)), jnp.float32)
+  x = x.at[0, 0].set(jnp.asarray([1., 2., 2., 0., 2., -1., 0., 0.]))  # a three-way tie: lower indices first
+  for k in (1, 2, 3):
+    values, indices = moe.top_k(x, k)
+    ref_values, ref_indices = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(indices, ref_indices)
+  assert moe.top_k(x, 3)[1][0, 0].tolist() == [1, 2, 4] and moe.top_k(x, 2)[1].dtype == jnp.int32
+  grad = jax.grad(lambda x: jnp.sum(moe.top_k(x, 2)[0] * jnp.asarray([3., 5.])))(x)
+  ref = jax.grad(lambda x: jnp.sum(jax.lax.top_k(x, 2)[0] * jnp.asarray([3., 5.])))(x)
+  np.testing.assert_array_equal(grad, ref)
+
+
 def test_dropless_block_equals_token_loop():
   x, mask = _block_inputs()
   block = _block()
@@ -276,10 +290,9 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_cfg, every_n, capacity_
   assert layers["moe"]["experts"]["down"].spec == P(None, "expert", "tensor", "fsdp")
   assert layers["moe"]["router"]["kernel"].spec == P(None, "fsdp", None)
   assert sharding.data_sharding(mesh, 2).spec == P(("data", "fsdp", "expert"), None)
-  # The [B, S, E] router probabilities are gathered over the batch axes for top_k (vlm_jax/model/moe.py): small,
-  # but every device routes the whole batch. Hidden states and logits stay sharded.
+  # No whole-batch collective: routing too stays sharded over the batch axes (moe.top_k).
   (sharded_loss, sharded_metrics), sharded_grads = sharded_value_and_grad(loss_fn, params, batch, mesh, shardings,
-                                                                          has_aux=True, allow_trailing={(E,)})
+                                                                          has_aux=True)
   np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
   assert_trees_f32_close((sharded_grads, sharded_metrics), (grads, metrics))
   router_grad = (grads["decoder"]["layers"] if every_n == 1 else grads["decoder"]["layers"]["layers_1"])["moe"]

@@ -55,8 +55,20 @@ def route(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
   Ties go to the lower expert index (lax.top_k, like torch.topk)."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  top, experts = jax.lax.top_k(probs, k)
+  top, experts = top_k(probs, k)
   return probs, top / jnp.sum(top, axis=-1, keepdims=True), experts
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k over the last axis as k rounds of argmax: the same values and indices (ties to the lower index) for
+  x without NaNs. XLA's SPMD partitioner gathers lax.top_k's operand over the batch axes; argmax stays sharded."""
+  values, indices = [], []
+  for _ in range(k):
+    i = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+    indices.append(i.astype(jnp.int32))
+    x = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=jnp.bool_), -jnp.inf, x)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
 def router_losses(logits: jax.Array, probs: jax.Array, experts: jax.Array,
