@@ -5,6 +5,7 @@ exports: merged and PEFT adapter give vlm_jax's logits and greedy tokens under t
 imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the folded path, masks keyed
 by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -209,7 +210,8 @@ def test_merged_export_matches_vlm_jax(hf_lora, tokenizer_dir, tmp_path):  # noq
 
 def test_peft_adapter_loads_in_peft_and_imports_back(hf_lora, tokenizer_dir, tmp_path):  # noqa: F811
   hf_dir, cfg, params, adapters, lc, full = hf_lora
-  out = peft.save_adapter(tmp_path / "adapter", adapters, lc, cfg, full)
+  out = peft.save_adapter(tmp_path / "adapter", adapters, dataclasses.replace(lc, dropout=0.05), cfg, full)
+  assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
   base = AutoModelForImageTextToText.from_pretrained(hf_dir)
   model = hf_peft.PeftModel.from_pretrained(base, out).eval()
   assert sum("lora_A" in n for n, _ in model.named_parameters()) == 2 * 7 + 2 * 2 + 1 + 1
@@ -218,7 +220,7 @@ def test_peft_adapter_loads_in_peft_and_imports_back(hf_lora, tokenizer_dir, tmp
   applied = jax.tree.map(np.asarray, lora.apply(params, adapters, lc))
   assert_logits_and_greedy_match_hf(model, cfg, applied, ids, pixels, "peft adapter")
   back, back_config, back_full = peft.load_adapter(out, cfg)
-  assert (back_config.rank, back_config.alpha) == (lc.rank, lc.alpha)
+  assert (back_config.rank, back_config.alpha, back_config.dropout) == (lc.rank, lc.alpha, 0.05)
   assert jax.tree.structure(back) == jax.tree.structure(adapters) and bytes_equal(back, adapters)
   assert bytes_equal(hf_names.flatten(back_full), [full[k] for k in sorted(full)])
   assert lora.target_paths(params, back_config) == lora.target_paths(params, lc)

@@ -83,7 +83,7 @@ def save_adapter(out_dir: str | pathlib.Path, adapters: Any, lora_config: LoraCo
   out.mkdir(parents=True, exist_ok=True)
   tensors, targets, saved = adapter_tensors(adapters, model_config, full)
   peft.LoraConfig(r=lora_config.rank, lora_alpha=lora_config.alpha, target_modules=targets,
-                  modules_to_save=saved or None, lora_dropout=0.0, bias="none",
+                  modules_to_save=saved or None, lora_dropout=lora_config.dropout, bias="none",
                   base_model_name_or_path=base_model, inference_mode=True).save_pretrained(str(out))
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / WEIGHTS_FILE),
             metadata={"format": "pt"})
@@ -123,7 +123,7 @@ def load_adapter(adapter_dir: str | pathlib.Path, model_config: ModelConfig) -> 
   kernels = sorted({_LAYER.sub("/layers/", p) if scanned else p for p in flat})
   kernels = sorted({k.rsplit("/", 1)[0] for k in kernels})
   lora_config = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                           targets=tuple(re.escape(k) for k in kernels))
+                           targets=tuple(re.escape(k) for k in kernels), dropout=float(cfg.get("lora_dropout") or 0.0))
   return hf_names.unflatten(flat, scanned), lora_config, hf_names.unflatten(full, scanned)
 
 
