@@ -45,8 +45,8 @@ def test_conversation(tok):
       "<|im_start|>user\n" + "<image>" * 4 + "\nWhat colour?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
       "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\nTwo<|im_end|>\n")
   assert decoded_labels(tok, ex) == "Red.<|im_end|>Two<|im_end|>"
-  assert ex["tiles"].shape == (1, 16, 16, 3) and ex["tiles"].dtype == np.float32
-  np.testing.assert_array_equal(ex["tiles"], 1.0)  # white, normalized with mean = std = 0.5
+  assert ex["tiles"].shape == (1, 16, 16, 3) and ex["tiles"].dtype == np.uint8
+  np.testing.assert_array_equal(ex["tiles"], 255)  # white, uint8 (the ViT normalizes on the device)
   assert ex["input_ids"].dtype == np.int32 and ex["labels"].shape == ex["input_ids"].shape
   assert pre.counts == {"kept": 1}
 

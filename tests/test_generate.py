@@ -52,7 +52,7 @@ def reference(generator: Generator, params, images, prompt, max_new_tokens, leng
   encoded = generator.encode(images, prompt)
   ids = [int(i) for i in encoded["input_ids"]]
   n_prompt = len(ids)
-  tiles = np.zeros((2, 16, 16, 3), np.float32)
+  tiles = np.zeros((2, 16, 16, 3), np.uint8)  # as the loader ships them: the model normalizes
   tiles[:len(encoded["tiles"])] = encoded["tiles"]
   for _ in range(max_new_tokens):
     n = len(ids)
@@ -76,7 +76,7 @@ def test_prompts_render_like_training():
   chat = gen.encode(REQUESTS[1][0], REQUESTS[1][1])
   assert tok.decode(chat["input_ids"]) == (f"<|im_start|>user\n{img}\nWhat colour is the circle?<|im_end|>\n"
                                            "<|im_start|>assistant\n")
-  assert chat["tiles"].shape == (1, 16, 16, 3)
+  assert chat["tiles"].shape == (1, 16, 16, 3) and chat["tiles"].dtype == np.uint8
   # No placeholders: the images go first, one `<image>\n` each (LLaVA-style), as the processor does.
   both = gen.encode(REQUESTS[2][0], REQUESTS[2][1])
   assert tok.decode(both["input_ids"]) == (f"<|im_start|>user\n{img}\n{img}\nIs there a blue star?<|im_end|>\n"

@@ -40,12 +40,16 @@ def images_and_record(shapes, seed=0):
   return imgs, {"id": "x", "images": imgs, "caption": "", "turns": turns, "question_types": [""]}
 
 
-def check_same(ours, hf_ids, hf_pixels):
-  """hf_pixels [n, 3, H, W] are compared to our NHWC tiles."""
+def check_same(ours, hf_ids, hf_pixels, vision):
+  """hf_pixels [n, 3, H, W] are compared to our NHWC uint8 tiles, normalized as the ViT does."""
   np.testing.assert_array_equal(ours["input_ids"], np.asarray(hf_ids))
   pixels = np.asarray(hf_pixels, np.float32).transpose(0, 2, 3, 1)
-  assert pixels.shape == ours["tiles"].shape
-  np.testing.assert_allclose(ours["tiles"], pixels, atol=1e-5, rtol=0)
+  assert pixels.shape == ours["tiles"].shape and ours["tiles"].dtype == np.uint8
+  np.testing.assert_allclose(normalized(ours["tiles"], vision), pixels, atol=1e-5, rtol=0)
+
+
+def normalized(tiles, vision):
+  return images.normalize(tiles, vision.image_mean, vision.image_std)
 
 
 @pytest.mark.parametrize("shapes, n_tiles", [
@@ -69,7 +73,7 @@ def test_idefics3_processor_parity(tokenizer_dir, shapes, n_tiles):
   hf_out = processor(images=imgs, text=text)
   assert len(ours["tiles"]) == n_tiles
   assert (ours["input_ids"] == tok.image_id).sum() == n_tiles * 4
-  check_same(ours, hf_out["input_ids"][0], hf_out["pixel_values"][0])  # pixel_values [1, n, 3, H, W]
+  check_same(ours, hf_out["input_ids"][0], hf_out["pixel_values"][0], cfg.model.vision)  # [1, n, 3, H, W]
 
 
 @pytest.mark.parametrize("kind, strategy, mean, std, tokens", [
@@ -92,7 +96,7 @@ def test_llava_processor_parity(tokenizer_dir, kind, strategy, mean, std, tokens
   text = chat.render_text(record["turns"][:1], ["<image>"], generation_prompt=True)
   hf_out = processor(images=imgs, text=text)
   assert (ours["input_ids"] == tok.image_id).sum() == tokens
-  check_same(ours, hf_out["input_ids"][0], hf_out["pixel_values"])  # pixel_values [images, 3, H, W]
+  check_same(ours, hf_out["input_ids"][0], hf_out["pixel_values"], cfg.model.vision)  # [images, 3, H, W]
 
 
 @pytest.mark.parametrize("shape", [(45, 70), (70, 45), (33, 97), (32, 32), (20, 25)])
@@ -103,10 +107,11 @@ def test_clip_shortest_edge_and_centre_crop_parity(shape):
   cfg = Config(model=ModelConfig(vision=VisionConfig(kind="clip", image_size=32, patch_size=8, image_mean=CLIP_MEAN,
                                                      image_std=CLIP_STD)),
                data=DataConfig(image_resize="shortest_edge_crop", resample="bicubic"))
-  ours = images.process_image(image, cfg).tiles
+  ours = normalized(images.process_image(image, cfg).tiles, cfg.model.vision)
   hf = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=CLIP_MEAN,
                              image_std=CLIP_STD, resample=PILImageResampling.BICUBIC)(images=[image])["pixel_values"]
   assert ours.shape == (1, 32, 32, 3)
   assert_f32_close(ours, np.asarray(hf, np.float32).transpose(0, 2, 3, 1), rtol=1e-6)  # a few ulps of ~2
-  square = images.process_image(image, Config(model=cfg.model, data=DataConfig(resample="bicubic"))).tiles
+  square = normalized(images.process_image(image, Config(model=cfg.model, data=DataConfig(resample="bicubic"))).tiles,
+                      cfg.model.vision)
   assert shape == (32, 32) or np.abs(square - ours).max() > 0.1  # the crop is not the squashing resize

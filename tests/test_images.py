@@ -1,11 +1,14 @@
 """Images: resize/normalize, Idefics3 grid sizes, tile order and prompt strings (HF parity is in
-test_hf_processors.py)."""
+test_hf_processors.py). Tiles stay uint8; the device's normalize_pixels equals the host's normalize."""
+import jax
 import numpy as np
 import pytest
+from fixtures_numerics import assert_f32_close
 from PIL import Image
 
 from vlm_jax.config import Config, DataConfig, ModelConfig, ProjectorConfig, VisionConfig
 from vlm_jax.inputs import images
+from vlm_jax.model.vision import normalize_pixels
 
 
 def config(splitting: bool, max_image_size: int = 64, mean=(0.5,) * 3, std=(0.5,) * 3) -> Config:
@@ -33,13 +36,25 @@ def test_normalize_values():
   assert images.normalize(x, (0.5,) * 3, (0.5,) * 3).dtype == np.float32
 
 
+def test_device_normalize_equals_the_host_normalize():
+  """Every uint8 value through the ViT's on-device normalization equals the host's to float32 rounding (XLA turns
+  x / c into x * (1 / c): an ulp at most); floats pass unchanged (already normalized)."""
+  x = np.arange(256, dtype=np.uint8).reshape(-1, 1).repeat(3, axis=1)
+  mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+  device = np.asarray(jax.jit(lambda p: normalize_pixels(p, mean, std))(x))
+  assert device.dtype == np.float32
+  assert_f32_close(device, images.normalize(x, mean, std), rtol=1e-6)
+  floats = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+  np.testing.assert_array_equal(np.asarray(normalize_pixels(floats, mean, std)), floats)
+
+
 def test_single_tile():
   cfg = config(splitting=False)
   img = random_image(20, 50)
   out = images.process_image(img, cfg)
-  assert out.tiles.shape == (1, 32, 32, 3) and (out.rows, out.cols) == (0, 0)
-  expect = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS)) / 255.0 * 2 - 1
-  np.testing.assert_allclose(out.tiles[0], expect, atol=1e-6)
+  assert out.tiles.shape == (1, 32, 32, 3) and (out.rows, out.cols) == (0, 0) and out.tiles.dtype == np.uint8
+  resized = Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS)
+  np.testing.assert_array_equal(out.tiles[0], np.asarray(resized))
   # a pixel-shuffle model's unsplit image is Idefics3's global-image string
   assert out.prompt == "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image>"
   # an MLP (LLaVA) model: one <image> per patch (4 x 4 patches of 8 px)
@@ -66,13 +81,12 @@ def test_tiles_are_row_major_crops_then_global():
   cfg = config(splitting=True)
   img = random_image(64, 64)  # already 64 x 64: both resizes are identities, crops are exact
   out = images.process_image(img, cfg)
-  norm = lambda a: images.normalize(a, (0.5,) * 3, (0.5,) * 3)
-  np.testing.assert_array_equal(out.tiles[0], norm(img[:32, :32]))
-  np.testing.assert_array_equal(out.tiles[1], norm(img[:32, 32:]))
-  np.testing.assert_array_equal(out.tiles[2], norm(img[32:, :32]))
-  np.testing.assert_array_equal(out.tiles[3], norm(img[32:, 32:]))
+  np.testing.assert_array_equal(out.tiles[0], img[:32, :32])
+  np.testing.assert_array_equal(out.tiles[1], img[:32, 32:])
+  np.testing.assert_array_equal(out.tiles[2], img[32:, :32])
+  np.testing.assert_array_equal(out.tiles[3], img[32:, 32:])
   globl = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS))
-  np.testing.assert_array_equal(out.tiles[4], norm(globl))
+  np.testing.assert_array_equal(out.tiles[4], globl)
 
 
 def test_split_prompt_string():
@@ -95,6 +109,6 @@ def test_no_split_when_image_fits_one_tile():
 def test_grey_2d_input_and_bad_dtype():
   cfg = config(splitting=False)
   out = images.process_image(np.full((8, 8), 255, np.uint8), cfg)
-  np.testing.assert_array_equal(out.tiles, np.ones((1, 32, 32, 3), np.float32))
+  np.testing.assert_array_equal(out.tiles, np.full((1, 32, 32, 3), 255, np.uint8))
   with pytest.raises(ValueError, match="uint8"):
     images.process_image(np.zeros((8, 8, 3), np.float32), cfg)

@@ -103,15 +103,15 @@ def test_static_shapes_per_task(data_dir, task):
   it = loader.make_loader(cfg, stage, tok, process_index=0, process_count=1)
   batches = [next(it) for _ in range(3)]
   if task == "image_text":
-    expected = {"pixel_values": ((4, 1, 48, 48, 3), np.float32), "text_ids": ((4, 32), np.int32),
+    expected = {"pixel_values": ((4, 1, 48, 48, 3), np.uint8), "text_ids": ((4, 32), np.int32),
                 "text_mask": ((4, 32), np.bool_), "negative_text_ids": ((4, 2, 32), np.int32),
                 "negative_text_mask": ((4, 2, 32), np.bool_), "negative_valid": ((4, 2), np.bool_)}
   else:
     expected = {"input_ids": ((4, 128), np.int32), "labels": ((4, 128), np.int32),
                 "segment_ids": ((4, 128), np.int32), "positions": ((4, 128), np.int32),
-                "pixel_values": ((4, 2, 48, 48, 3), np.float32), "tile_mask": ((4, 2), np.bool_)}
+                "pixel_values": ((4, 2, 48, 48, 3), np.uint8), "tile_mask": ((4, 2), np.bool_)}
     if task == "text":  # no tile slots: the model skips the vision tower on text-only batches
-      expected.update(pixel_values=((4, 0, 48, 48, 3), np.float32), tile_mask=((4, 0), np.bool_))
+      expected.update(pixel_values=((4, 0, 48, 48, 3), np.uint8), tile_mask=((4, 0), np.bool_))
   for batch in batches:
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   if task in ("conversation", "caption"):

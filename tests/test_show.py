@@ -27,7 +27,7 @@ def test_describe_batch_exact():
   n1, n2 = len(conversation["input_ids"]), len(text["input_ids"])
   assert out.splitlines() == [
       "batch: input_ids int32[2, 64], labels int32[2, 64], segment_ids int32[2, 64], positions int32[2, 64], "
-      "pixel_values float32[2, 4, 16, 16, 3], tile_mask bool[2, 4]",
+      "pixel_values uint8[2, 4, 16, 16, 3], tile_mask bool[2, 4]",
       f"row 0: segments 1:{n1} tokens pos 0..{n1 - 1} | 2:{n2} tokens pos 0..{n2 - 1} | pad {64 - n1 - n2} right"
       f" | labelled {len(tok.encode('Red.<|im_end|>')) + n2 - 1} | tiles 3/4",
       "  images 1: 1x2 grid + global",
@@ -64,7 +64,7 @@ def test_show_config_batch_on_prepared_shapes(tmp_path):
   out = show.show_config_batch(cfg, split="validation", stage="instruct", rows=2).splitlines()
   assert out[0] == f"stage instruct (task conversation) on validation of {dataset}"
   assert out[1].startswith("batch: input_ids int32[2, 192], labels int32[2, 192], "
-                           "pixel_values float32[2, 2, 48, 48, 3]")
+                           "pixel_values uint8[2, 2, 48, 48, 3]")
   rows = [line for line in out if line.startswith("row ")]
   assert [r.split(":")[0] for r in rows] == ["row 0", "row 1"]
   texts = [line for line in out if line.startswith("  text 1: ")]

@@ -222,5 +222,5 @@ def test_dummy_batch_contract():
   batch = dummy_batch(TINY, batch_size=2, seq_len=5, max_tiles=3)
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
       "input_ids": ((2, 5), "int32"), "labels": ((2, 5), "int32"), "segment_ids": ((2, 5), "int32"),
-      "positions": ((2, 5), "int32"), "pixel_values": ((2, 3, 16, 16, 3), "float32"),
+      "positions": ((2, 5), "int32"), "pixel_values": ((2, 3, 16, 16, 3), "uint8"),
       "tile_mask": ((2, 3), "bool")}

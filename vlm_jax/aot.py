@@ -42,7 +42,7 @@ from jax.experimental import topologies
 from vlm_jax import cpu_features
 from vlm_jax import flops as flops_lib
 from vlm_jax.compile_cache import fresh_compiles
-from vlm_jax.config import Config, ConfigError, apply_overrides, row_shape
+from vlm_jax.config import Config, ConfigError, apply_overrides, row_shape, tile_budget_per_row
 from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding, make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
@@ -151,10 +151,11 @@ def extrapolate(base: dict[str, float], more: dict[str, float], base_layers: int
 
 def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num_tiles: int,
                    mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-  """ShapeDtypeStructs of a global batch, leading axis sharded over (data, fsdp)."""
+  """ShapeDtypeStructs of a global batch, leading axis sharded over (data, fsdp): uint8 pixels, as the loader
+  ships them, and under data.tile_budget the tile_index [B, K] that makes the ViT run on B * K tiles."""
   if loss == "contrastive":
     size, length = config.model.vision.image_size, config.model.contrastive.max_text_len
-    arrays = {"pixel_values": np.zeros((batch_size, 1, size, size, 3), np.float32),
+    arrays = {"pixel_values": np.zeros((batch_size, 1, size, size, 3), np.uint8),
               "text_ids": np.zeros((batch_size, length), np.int32), "text_mask": np.ones((batch_size, length), bool)}
     k = config.model.contrastive.hard_negatives
     if k:
@@ -163,6 +164,9 @@ def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num
                     negative_valid=np.ones((batch_size, k), bool))
   else:
     arrays = vlm.dummy_batch(config.model, batch_size, seq_len, num_tiles)
+    per_row = tile_budget_per_row(config, num_tiles)
+    if per_row:
+      arrays["tile_index"] = np.zeros((batch_size, per_row), np.int32)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding(mesh, v.ndim)) for k, v in arrays.items()}
 
 
@@ -182,7 +186,7 @@ def compile_prefill(config: Config, mesh: Any, batch: dict) -> dict[str, Any]:
   shapes, _ = vlm.abstract_params(config.model)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, p_shardings)
   model = vlm.VLM(config.model)
-  prompt = {k: v for k, v in batch.items() if k != "labels"}
+  prompt = {k: v for k, v in batch.items() if k not in ("labels", "tile_index")}  # generation runs every tile
 
   def prefill(params, batch):
     return model.apply({"params": params}, batch)["logits"][:, -1]

@@ -229,6 +229,13 @@ class DataConfig:
   # Data shards of the global batch (vlm_jax/inputs/shards.py); 0: the resumed checkpoint's count, else one per
   # process. A fixed count keeps the data order the same on any number of hosts dividing it.
   num_shards: int = 0
+  # Tile budget (0: off, the ViT runs on every tile slot, padding included): the ViT runs on at most
+  # tile_budget * r tiles for each r rows of one batch shard (one device's rows of a micro-batch), so tile_budget
+  # is real tiles per row on average, in max_tiles' units (rows with no more slots than that run them all). The
+  # loader packs rows into such shards, defers a row that would overflow one (the shard is topped up with empty
+  # rows) and counts both (vlm_jax/inputs/tile_budget.py); the train step gathers the real tiles per shard
+  # (vlm_jax/model/vlm.py).
+  tile_budget: int = 0
 
 
 # The decoder's attention and MLP kernels (dense or MoE experts), scanned (`layers`) or not (`layers_<i>`).
@@ -347,6 +354,16 @@ def row_shape(cfg: Config, stage: StageConfig) -> tuple[int, int]:
   return stage.seq_len or cfg.data.seq_len, tiles
 
 
+# A tile_index entry that names no tile: past every slot, so the model's gather fills zeros and its scatter drops it.
+NO_TILE = 2 ** 30
+
+
+def tile_budget_per_row(cfg: Config, max_tiles: int) -> int:
+  """ViT tiles per row (on average over a batch shard) for rows of `max_tiles` slots: data.tile_budget when it
+  is below the slots, else 0 (off: every slot goes through the ViT)."""
+  return cfg.data.tile_budget if 0 < cfg.data.tile_budget < max_tiles else 0
+
+
 def validate(cfg: Config) -> Config:
   """Checks choices and cross-field constraints; returns cfg unchanged or raises ConfigError."""
   for path, choices in _CHOICES.items():
@@ -392,6 +409,9 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"train.stages.{s.name}: need eval_every >= 0 (0: no evaluation while training) and "
                         f"eval_limit > 0 records when evaluating (got eval_every={s.eval_every}, "
                         f"eval_limit={s.eval_limit}).")
+  if cfg.data.tile_budget < 0:
+    raise ConfigError(f"data.tile_budget={cfg.data.tile_budget} must be >= 0: the real tiles per row, on average, "
+                      f"that the ViT runs on (0, or not below a stage's tile slots: off).")
   v, d = cfg.model.vision, cfg.model.decoder
   sizes = {f"model.decoder.{f}": getattr(d, f) for f in ("vocab_size", "width", "num_layers", "num_heads",
                                                            "num_kv_heads", "mlp_dim", "max_seq_len")}

@@ -200,7 +200,7 @@ class Generator:
     self.stop_ids = (tokenizer.eos_id, tokenizer.im_end_id)
 
   def encode(self, images: Sequence[np.ndarray], prompt: str, raw: bool = False) -> dict[str, np.ndarray]:
-    """One request -> {"input_ids" int32 [n], "tiles" float32 [t, H, W, 3]}, as the model will see it."""
+    """One request -> {"input_ids" int32 [n], "tiles" uint8 [t, H, W, 3]}, as the model will see it."""
     images = [np.asarray(im) for im in images]
     found = prompt.count(IMAGE_TOKEN)
     if found != len(images) and (raw or found):
@@ -216,7 +216,7 @@ class Generator:
     text = chat.expand_images([{"role": "user", "content": prompt}], [p.prompt for p in processed])[0]["content"]
     size = self.config.model.vision.image_size
     tiles = (np.concatenate([p.tiles for p in processed]) if processed
-             else np.zeros([0, size, size, 3], np.float32))
+             else np.zeros([0, size, size, 3], np.uint8))
     return {"input_ids": np.asarray(self.tokenizer.encode(text), np.int32), "tiles": tiles}
 
   def batch(self, encoded: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

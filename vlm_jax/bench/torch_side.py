@@ -21,6 +21,7 @@ from vlm_jax.bench import measure
 from vlm_jax.config import Config, StageConfig
 from vlm_jax.convert import export, hf_config, hf_names
 from vlm_jax.flops import is_trainable
+from vlm_jax.inputs import images
 
 DTYPES = ("float32", "bfloat16")
 # OpenMP threads that spin at barriers collapse when the cores are shared (seen here, with another job on the
@@ -61,7 +62,10 @@ def torch_inputs(config: Config, batch: dict[str, np.ndarray]) -> dict[str, Any]
   """Our batch -> the HF model's keyword arguments: input_ids, attention_mask, pixel_values (Idefics3
   [B, N, C, H, W] for the tile slots; LLaVA [images, C, H, W] for the real tiles), labels if present."""
   import torch
-  pixels = batch["pixel_values"].transpose(0, 1, 4, 2, 3)
+  pixels, vision = batch["pixel_values"], config.model.vision
+  if pixels.dtype == np.uint8:  # our loader's tiles; HF models take normalized floats
+    pixels = images.normalize(pixels, vision.image_mean, vision.image_std)
+  pixels = pixels.transpose(0, 1, 4, 2, 3)
   if hf_config.check_exportable(config.model) == "llava":
     pixels = pixels[batch["tile_mask"]]
   out = {"input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),

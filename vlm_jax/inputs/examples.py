@@ -29,8 +29,8 @@ TASKS = ("conversation", "caption", "text", "image_text")
 
 
 class Preprocessor:
-  """Turns records into examples: {"input_ids" int32 [n], "labels" int32 [n], "tiles" float32 [t, H, W, 3]}
-  for the language-model tasks, {"pixel_values" float32 [1, H, W, 3], "text_ids" int32 [m],
+  """Turns records into examples: {"input_ids" int32 [n], "labels" int32 [n], "tiles" uint8 [t, H, W, 3]}
+  for the language-model tasks, {"pixel_values" uint8 [1, H, W, 3], "text_ids" int32 [m],
   "negative_text_ids": list of int32 [m_j]} for image_text."""
 
   def __init__(self, config: Config, tokenizer: Tokenizer, row_shape: tuple[int, int] | None = None):
@@ -110,7 +110,7 @@ class Preprocessor:
     labels = ids.copy()
     labels[:len(bos)] = IGNORE_ID
     size = self.config.model.vision.image_size
-    return {"input_ids": ids, "labels": labels, "tiles": np.zeros([0, size, size, 3], np.float32)}
+    return {"input_ids": ids, "labels": labels, "tiles": np.zeros([0, size, size, 3], np.uint8)}
 
   def _image_text(self, record: dict) -> dict | None:
     if not record["images"]:
@@ -125,15 +125,14 @@ class Preprocessor:
     negatives = record.get("negative_captions", [])[:contrastive.hard_negatives]
     size = self.config.model.vision.image_size
     image = images.resize(np.asarray(record["images"][0]), size, size, self.config.data.resample)
-    vision = self.config.model.vision
-    return {"pixel_values": images.normalize(image, vision.image_mean, vision.image_std)[None],
+    return {"pixel_values": image[None],
             "text_ids": encode(record["caption"]), "negative_text_ids": [encode(t) for t in negatives]}
 
   # ----- prompts for generation
 
   def to_prompt(self, record: dict, assistant_turn: int = 0) -> dict:
     """The conversation up to (not including) its `assistant_turn`-th assistant turn, ending with
-    `<|im_start|>assistant\\n`: {"input_ids" int32 [n], "tiles" float32 [t, H, W, 3], "answer": str}."""
+    `<|im_start|>assistant\\n`: {"input_ids" int32 [n], "tiles" uint8 [t, H, W, 3], "answer": str}."""
     turns = with_image_placeholders(record["turns"], len(record["images"]))
     if turns is None:
       raise ValueError(f"Record {record.get('id')!r}: image placeholders do not match its images.")
@@ -178,7 +177,7 @@ class Preprocessor:
     labels = np.concatenate([p.labels for p in parts])
     size = self.config.model.vision.image_size
     processed = [images.process_image(np.asarray(im), self.config).tiles for im in record_images]
-    tiles = np.concatenate(processed) if processed else np.zeros([0, size, size, 3], np.float32)
+    tiles = np.concatenate(processed) if processed else np.zeros([0, size, size, 3], np.uint8)
     n_image_ids = int((input_ids == self.tokenizer.image_id).sum())
     if n_image_ids != len(tiles) * self.tokens_per_tile:
       raise ValueError(f"{n_image_ids} {IMAGE_TOKEN} ids for {len(tiles)} tiles of {self.tokens_per_tile} "

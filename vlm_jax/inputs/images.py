@@ -1,4 +1,8 @@
-"""Images -> normalized float32 NHWC tiles, and the prompt string each image stands for.
+"""Images -> uint8 NHWC tiles, and the prompt string each image stands for.
+
+Tiles stay uint8 on the host and travel to the device as such (4x fewer bytes than float32); the ViT
+normalizes them there (`vlm_jax.model.vision.normalize_pixels`, equal to `normalize` to an ulp).
+`normalize` here is the host-side reference, for comparing with HF processors' float pixel_values.
 
 Two layouts:
 - One tile (`data.image_splitting=False`): each image resized to image_size x image_size (the SigLIP
@@ -32,7 +36,7 @@ HF_MAX_IMAGE_SIZE = 4096  # transformers' absolute cap on the resized longest ed
 
 @dataclasses.dataclass(frozen=True)
 class ProcessedImage:
-  """tiles: float32 [n, H, W, 3] in prompt order; rows = cols = 0 when the image was not split."""
+  """tiles: uint8 [n, H, W, 3] in prompt order; rows = cols = 0 when the image was not split."""
   tiles: np.ndarray
   rows: int
   cols: int
@@ -63,7 +67,8 @@ def shortest_edge_crop(image: np.ndarray, size: int, resample: str) -> np.ndarra
 
 
 def normalize(image: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, rounded like transformers (rescale in float64)."""
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, rounded like transformers (rescale in float64, which for
+  uint8 equals float32 x / 255; the device's normalize_pixels agrees to an ulp)."""
   x = (image.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
@@ -126,14 +131,14 @@ def split_tiles(image: np.ndarray, tile: int, resample: str) -> tuple[list[np.nd
 
 
 def process_image(image: np.ndarray, config: Config) -> ProcessedImage:
-  """uint8 [h, w, 3] (or [h, w] grey) -> ProcessedImage with tiles float32 [n, S, S, 3], S = image_size."""
+  """uint8 [h, w, 3] (or [h, w] grey) -> ProcessedImage with tiles uint8 [n, S, S, 3], S = image_size."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
   if image.dtype != np.uint8 or image.shape[-1] != 3:
     raise ValueError(f"Expected a uint8 [h, w, 3] RGB image, got {image.dtype} {image.shape}.")
-  vision, data = config.model.vision, config.data
-  size, resample = vision.image_size, data.resample
+  data = config.data
+  size, resample = config.model.vision.image_size, data.resample
   tokens = config.model.image_tokens_per_tile
   if not data.image_splitting:
     square = shortest_edge_crop(image, size, resample) if data.image_resize == "shortest_edge_crop" else \
@@ -144,9 +149,8 @@ def process_image(image: np.ndarray, config: Config) -> ProcessedImage:
     image = resize(image, *longest_edge_size(*image.shape[:2], longest), resample)
     image = resize(image, *tile_multiple_size(*image.shape[:2], size), resample)
     tiles, rows, cols = split_tiles(image, size, resample)
-  pixels = normalize(np.stack(tiles), vision.image_mean, vision.image_std)
   idefics3 = config.model.projector.kind == "pixel_shuffle"
-  return ProcessedImage(pixels, rows, cols, image_prompt(rows, cols, tokens, idefics3))
+  return ProcessedImage(np.stack(tiles), rows, cols, image_prompt(rows, cols, tokens, idefics3))
 
 
 def tile_grid(height: int, width: int, config: Config) -> tuple[int, int]:

@@ -13,6 +13,7 @@ a restored iterator yields exactly the batch that would have come next.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -20,10 +21,10 @@ import grain
 import jax
 import numpy as np
 
-from vlm_jax.config import Config, InputError, StageConfig, row_shape
-from vlm_jax.inputs import examples, packing
+from vlm_jax.config import Config, InputError, StageConfig, row_shape, tile_budget_per_row
+from vlm_jax.inputs import examples, packing, tile_budget
 from vlm_jax.inputs.tokenizer import Tokenizer
-from vlm_jax.sharding import data_sharding, feed_group
+from vlm_jax.sharding import data_sharding, feed_group, make_mesh
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,10 +216,12 @@ def host_batch_size(stage: StageConfig, process_count: int) -> int:
 
 
 def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
-                process_count: int | None = None) -> grain.DatasetIterator:
+                process_count: int | None = None, batch_shards: int | None = None) -> grain.DatasetIterator:
   """An endless iterator of host-local batches (numpy dicts of DESIGN.md "The batch", or the contrastive
   batch for task image_text), B = stage.batch_size // process_count rows each. The process defaults to
-  jax.process_index() / jax.process_count()."""
+  jax.process_index() / jax.process_count(). Under data.tile_budget the rows come in batch shards of
+  stage.batch_size / batch_shards rows within budget (vlm_jax/inputs/tile_budget.py), with tile_index [B, K];
+  batch_shards defaults to the mesh's (data, fsdp, expert) size over all devices (`make_mesh(config.mesh)`)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   batch = host_batch_size(stage, process_count)
@@ -228,6 +231,13 @@ def make_loader(config: Config, stage: StageConfig, tokenizer: Tokenizer, *, pro
   rows = records.map(_ToRow(config, stage, tokenizer, pack)).to_iter_dataset(read)  # drops the Nones
   if pack:
     rows = PackedIterDataset(rows, *row_shape(config, stage), tokenizer.pad_id)
+  per_row = tile_budget_per_row(config, row_shape(config, stage)[1]) if stage.task != "image_text" else 0
+  if per_row:
+    if batch_shards is None:
+      mesh = make_mesh(config.mesh)
+      batch_shards = math.prod(mesh.shape[a] for a in data_sharding(mesh, 1).spec[0])
+    rows = tile_budget.TileBudgetIterDataset(rows, per_row, tile_budget.bin_rows(stage, batch, batch_shards),
+                                             stage.grad_accum, tokenizer.pad_id)
   batches = rows.batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     # grain's worker processes read absl flags, which a plain (non-absl) program never parsed.

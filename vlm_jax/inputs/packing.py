@@ -20,12 +20,24 @@ def _check_fits(example: dict, seq_len: int, max_tiles: int) -> None:
                      f"{max_tiles} tiles; the Preprocessor should have cut or dropped it.")
 
 
+def _tiles(examples: list[dict]) -> np.ndarray:
+  """The examples' tiles in order, in their dtype (uint8 from the Preprocessor; floats that are already
+  normalized, e.g. an HF processor's). Empty tile arrays join any dtype; mixing uint8 and float would turn pixel
+  values 0..255 into 'normalized' floats, so it is an error."""
+  tiles = [np.asarray(e["tiles"]) for e in examples]
+  filled = [t for t in tiles if len(t)]
+  if len({t.dtype for t in filled}) > 1:
+    raise ValueError(f"Examples mix tile dtypes {sorted({str(t.dtype) for t in filled})}: give every example uint8 "
+                     "tiles (or every one normalized floats).")
+  return np.concatenate(filled) if filled else np.zeros((0,) + tiles[0].shape[1:], np.uint8)
+
+
 def make_row(examples: list[dict], seq_len: int, max_tiles: int, pad_id: int,
              padding_side: str = "right") -> dict:
-  """Examples (each input_ids/labels int32 [n_i], tiles float32 [t_i, H, W, 3]) -> one row.
+  """Examples (each input_ids/labels int32 [n_i], tiles uint8 [t_i, H, W, 3]) -> one row.
 
-  Returns input_ids, labels, segment_ids, positions: int32 [seq_len]; pixel_values float32
-  [max_tiles, H, W, 3]; tile_mask bool [max_tiles].
+  Returns input_ids, labels, segment_ids, positions: int32 [seq_len]; pixel_values [max_tiles, H, W, 3] in the
+  tiles' dtype (uint8; floats stay floats); tile_mask bool [max_tiles].
   """
   if not examples:
     raise ValueError("A row needs at least one example.")
@@ -38,14 +50,14 @@ def make_row(examples: list[dict], seq_len: int, max_tiles: int, pad_id: int,
                            for e in examples]).astype(np.int32)
   segment_ids = np.concatenate([np.full(len(e["input_ids"]), k, np.int32) for k, e in enumerate(examples, 1)])
   positions = np.concatenate([np.arange(len(e["input_ids"]), dtype=np.int32) for e in examples])
-  tiles = np.concatenate([e["tiles"] for e in examples]).astype(np.float32)
+  tiles = _tiles(examples)
   n, t = len(input_ids), len(tiles)
   if n > seq_len or t > max_tiles:
     raise ValueError(f"{len(examples)} example(s) of {n} tokens and {t} tiles overflow a row of {seq_len} "
                      f"tokens and {max_tiles} tiles.")
   pad = seq_len - n
   where = (pad, 0) if padding_side == "left" else (0, pad)
-  pixel_values = np.zeros((max_tiles,) + tiles.shape[1:], np.float32)
+  pixel_values = np.zeros((max_tiles,) + tiles.shape[1:], tiles.dtype)
   pixel_values[:t] = tiles
   return {
       "input_ids": np.pad(input_ids, where, constant_values=pad_id),
@@ -110,11 +122,11 @@ def _pad_text(ids, max_text_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarr
 
 def pad_image_text(example: dict, max_text_len: int, pad_id: int, hard_negatives: int = 0) -> dict:
   """{"pixel_values" [1, H, W, 3], "text_ids" [m], "negative_text_ids" (optional) list of [m_j]} ->
-  pixel_values float32 [1, H, W, 3], text_ids int32 [L], text_mask bool [L] (L = max_text_len), padded on the
+  pixel_values uint8 [1, H, W, 3] (as given), text_ids int32 [L], text_mask bool [L] (L = max_text_len), padded on the
   right; with hard_negatives = K > 0 also negative_text_ids int32 [K, L], negative_text_mask bool [K, L] and
   negative_valid bool [K] (False for the missing ones when the record has fewer than K)."""
   ids, mask = _pad_text(example["text_ids"], max_text_len, pad_id)
-  out = {"pixel_values": np.asarray(example["pixel_values"], np.float32), "text_ids": ids, "text_mask": mask}
+  out = {"pixel_values": np.asarray(example["pixel_values"]), "text_ids": ids, "text_mask": mask}
   if hard_negatives:
     negatives = list(example.get("negative_text_ids", []))[:hard_negatives]
     padded = [_pad_text(n, max_text_len, pad_id) for n in negatives]

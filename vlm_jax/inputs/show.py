@@ -57,7 +57,8 @@ def show_config_batch(config: Config, split: str = "train", stage: str | None = 
   chosen = dataclasses.replace(chosen, split=split, batch_size=rows, grad_accum=1)
   config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=0))
   tokenizer = load_tokenizer(config)
-  batch = next(loader.make_loader(config, chosen, tokenizer, process_index=0, process_count=1))
+  # batch_shards=1: a tile budget (if any) spans the shown rows, whatever the mesh a train run would use
+  batch = next(loader.make_loader(config, chosen, tokenizer, process_index=0, process_count=1, batch_shards=1))
   header = f"stage {chosen.name} (task {chosen.task}) on {split} of {', '.join(n for n, _ in chosen.datasets)}"
   return header + "\n" + describe_batch(batch, tokenizer, rows)
 

@@ -1,6 +1,6 @@
 """Vision encoders: SigLIP / CLIP ViTs with HF numerics, and Fuyu-style linear patch embedding ('none').
 
-`VisionEncoder(pixels [B, H, W, C]) -> features [B, T, W]`, where the features are
+`VisionEncoder(pixels [B, H, W, C], uint8 or normalized floats) -> features [B, T, W]`, where the features are
 `hidden_states[feature_layer]` (0 = embeddings, after `pre_layernorm` for CLIP; i = output of block i;
 -1 = last block), then `select_strategy` ('default' drops CLIP's CLS token), then `post_layernorm` if set.
 That is LLaVA's `vision_feature_layer` / `vision_feature_select_strategy`, and with feature_layer=-1 and
@@ -106,8 +106,23 @@ def sincos2d_init(c: VisionConfig):
   return init
 
 
+def normalize_pixels(pixels: jax.Array, mean, std) -> jax.Array:
+  """Pixels as the ViT takes them, by dtype: uint8 [..., C] (what the loader ships, 4x fewer bytes) -> float32
+  (x / 255 - mean) / std, computed here on the device; floating pixels are already normalized (an HF
+  processor's pixel_values) and pass as they are. The host's reference (vlm_jax/inputs/images.py `normalize`)
+  agrees to an ulp: XLA computes x / c as x * (1 / c)."""
+  if jnp.issubdtype(pixels.dtype, jnp.floating):
+    return pixels
+  if pixels.dtype != jnp.uint8:
+    raise TypeError(f"pixel_values of dtype {pixels.dtype}: pass uint8 tiles (normalized on the device) or "
+                    "floats that are already normalized.")
+  x = pixels.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 class VisionEncoder(nn.Module):
-  """pixels [B, H, W, C] (normalized, NHWC) -> features [B, config.tokens_per_image, width]."""
+  """pixels [B, H, W, C] NHWC, uint8 or already normalized floats (`normalize_pixels`) -> features
+  [B, config.tokens_per_image, width]."""
   config: VisionConfig
   dtype: Any = jnp.float32
   scan_layers: bool = True
@@ -118,7 +133,7 @@ class VisionEncoder(nn.Module):
     c = self.config
     p, width = c.patch_size, c.width
     b, h, w, ch = pixels.shape
-    pixels = pixels.astype(self.dtype)
+    pixels = normalize_pixels(pixels, c.image_mean, c.image_std).astype(self.dtype)
     if c.kind == "none":
       # Fuyu: each patch flattened in (row, col, channel) order, one linear layer, no transformer.
       patches = pixels.reshape(b, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * ch)

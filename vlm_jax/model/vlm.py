@@ -5,7 +5,8 @@ Entry points (all take / return plain pytrees; params are float32, compute in `c
                                      coef-weighted, summed over layers; 0.0 dense), "moe_metrics": {} dense, else
                                      expert_load [E], dropped_fraction [], load_balancing_loss [], z_loss [],
                                      "hidden_states": [B, S, D] if asked}
-  method=VLM.embed_images            pixel_values [B, N, H, W, 3], tile_mask [B, N] -> [B, N*T, D]
+  method=VLM.embed_images            pixel_values [B, N, H, W, 3] (uint8, or normalized floats), tile_mask [B, N]
+                                     (, tile_index [B, K]) -> [B, N*T, D]
   method=VLM.contrastive_embeddings  -> (image_emb [B, E], text_emb [B, E], logit_scale, logit_bias)
   method=VLM.prefill / VLM.decode_step  KV-cached calls for generation, with mutable=["cache"] and the cache
                                      from `init_cache` (protocol in vlm_jax/model/decoder.py)
@@ -14,6 +15,7 @@ Entry points (all take / return plain pytrees; params are float32, compute in `c
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +26,7 @@ import numpy as np
 from vlm_jax.config import ContrastiveConfig, ModelConfig, VisionConfig
 from vlm_jax.model import kernels
 from vlm_jax.model.decoder import Decoder
-from vlm_jax.model.layers import dense, logical
+from vlm_jax.model.layers import constrain, dense, logical
 from vlm_jax.model.projector import Projector
 from vlm_jax.model.text_encoder import TextEncoder
 from vlm_jax.model.vision import MAPHead, VisionEncoder
@@ -40,6 +42,48 @@ def image_features_at_tokens(input_ids: jax.Array, features: jax.Array,
   is_image = input_ids == image_token_id
   index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
   return is_image, jax.vmap(lambda f, i: f[i])(features, index)
+
+
+def batch_shard_count(rows: int) -> int:
+  """How many batch shards the current mesh cuts `rows` into (the mesh axes of `act_batch` under the logical axis
+  rules in scope); 1 outside a mesh, or when the rows do not split evenly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = nn.logical_to_mesh_axes(("act_batch",))[0]
+  if mesh.empty or spec is None:
+    return 1
+  shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec))
+  return shards if rows % shards == 0 else 1
+
+
+def gather_tiles(pixel_values: jax.Array, tile_index: jax.Array, shards: int) -> tuple[jax.Array, jax.Array]:
+  """The tiles a tile budget names, gathered within each batch shard (no pixels cross devices).
+
+  pixel_values [B, N, H, W, C]; tile_index int [B, K]: entry j of row b names the tile slot
+  b * N + tile_index[b, j] of the batch (so a row's entries may name tiles of other rows of its shard;
+  config.NO_TILE for an unused entry), as the loader builds them (vlm_jax/inputs/tile_budget.py) ->
+  (tiles [B * K, H, W, C], zeros at unused entries; slots int32 [S, R * K]: each tile's slot among its shard's
+  R * N, R = B / S rows per shard, S = shards).
+  """
+  b, n = pixel_values.shape[:2]
+  k, rows = tile_index.shape[1], b // shards
+  local = tile_index.astype(jnp.int32) + (jnp.arange(b, dtype=jnp.int32) % rows * n)[:, None]
+  slots = local.reshape(shards, rows * k)
+  pixels = pixel_values.reshape(shards, rows * n, *pixel_values.shape[2:])
+  pixels = constrain(pixels, ("act_batch",) + (None,) * (pixels.ndim - 1))
+  tiles = jax.vmap(lambda p, i: p.at[i].get(mode="fill", fill_value=0))(pixels, slots)
+  tiles = tiles.reshape(b * k, *pixel_values.shape[2:])
+  return constrain(tiles, ("act_batch",) + (None,) * (tiles.ndim - 1)), slots
+
+
+def scatter_tiles(features: jax.Array, slots: jax.Array, batch: int, num_tiles: int) -> jax.Array:
+  """Inverse of `gather_tiles`: features [B * K, T, D] of the gathered tiles, slots [S, R * K] ->
+  [B, N * T, D] with every other tile slot (padding, unused entries) zero."""
+  shards, per_shard = slots.shape
+  t, d = features.shape[1:]
+  features = features.reshape(shards, per_shard, t, d)
+  empty = jnp.zeros((batch // shards * num_tiles, t, d), features.dtype)
+  out = jax.vmap(lambda f, i: empty.at[i].set(f, mode="drop"))(features, slots)
+  return out.reshape(batch, num_tiles * t, d)
 
 
 class Contrastive(nn.Module):
@@ -97,9 +141,17 @@ class VLM(nn.Module):
       self.contrastive = Contrastive(c.contrastive, c.vision, c.decoder.vocab_size, dtype, c.scan_layers, c.remat)
 
   @_with_kernels
-  def embed_images(self, pixel_values: jax.Array, tile_mask: jax.Array) -> jax.Array:
-    """pixel_values [B, N, H, W, 3], tile_mask bool [B, N] -> [B, N * T, D] (padding tiles zeroed)."""
+  def embed_images(self, pixel_values: jax.Array, tile_mask: jax.Array,
+                   tile_index: jax.Array | None = None) -> jax.Array:
+    """pixel_values [B, N, H, W, 3]: uint8 (normalized on the device) or floats already normalized (see
+    vision.normalize_pixels); tile_mask bool [B, N] -> [B, N * T, D] (padding tiles zeroed).
+
+    With tile_index int [B, K] (a batch built under data.tile_budget, K < N) the ViT and projector run on the
+    B * K tiles it names (`gather_tiles`, within each batch shard), not on all B * N slots."""
     b, n = pixel_values.shape[:2]
+    if tile_index is not None:
+      tiles, slots = gather_tiles(pixel_values, tile_index, batch_shard_count(b))
+      return scatter_tiles(self.projector(self.vision(tiles)), slots, b, n)
     features = self.projector(self.vision(pixel_values.reshape(b * n, *pixel_values.shape[2:])))
     features = features.reshape(b, n, *features.shape[1:])
     features = jnp.where(tile_mask[:, :, None, None], features, 0)
@@ -109,7 +161,7 @@ class VLM(nn.Module):
     pixel_values = batch.get("pixel_values")
     if pixel_values is None or pixel_values.shape[1] == 0:
       return None
-    features = self.embed_images(pixel_values, batch["tile_mask"])
+    features = self.embed_images(pixel_values, batch["tile_mask"], batch.get("tile_index"))
     return image_features_at_tokens(batch["input_ids"], features, self.config.image_token_id)
 
   @_with_kernels
@@ -138,7 +190,8 @@ class VLM(nn.Module):
 
   @_with_kernels
   def contrastive_embeddings(self, pixel_values: jax.Array, text_ids: jax.Array, text_mask: jax.Array):
-    """pixel_values [B, H, W, 3] or [B, 1, H, W, 3], text_ids int [B, L], text_mask bool [B, L] ->
+    """pixel_values [B, H, W, 3] or [B, 1, H, W, 3] (uint8 or normalized floats), text_ids int [B, L], text_mask
+    bool [B, L] ->
     (image_emb f32 [B, E], text_emb f32 [B, E], both L2-normalized; logit_scale = exp(param) [];
     logit_bias []). With contrastive.similarity="token": image_emb [B, P, E] per patch, text_emb [B, L, E]
     per token, each vector normalized."""
@@ -164,12 +217,12 @@ class VLM(nn.Module):
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 8, max_tiles: int = 1) -> dict[str, Any]:
-  """An all-text batch of the contract's shapes (zeros pixels, all tiles valid) for init and tests."""
+  """An all-text batch of the contract's shapes (uint8 zero pixels, all tiles valid) for init and tests."""
   size, ch = cfg.vision.image_size, cfg.vision.num_channels
   ids = np.zeros((batch_size, seq_len), np.int32)
   return {"input_ids": ids, "labels": np.full_like(ids, -100), "segment_ids": np.ones_like(ids),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy(),
-          "pixel_values": np.zeros((batch_size, max_tiles, size, size, ch), np.float32),
+          "pixel_values": np.zeros((batch_size, max_tiles, size, size, ch), np.uint8),
           "tile_mask": np.ones((batch_size, max_tiles), bool)}
 
 

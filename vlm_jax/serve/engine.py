@@ -47,7 +47,7 @@ def prompt_buckets(context: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Request:
-  """One conversation to answer. input_ids int32 [n], tiles float32 [t, H, W, 3] (from `Engine.encode`).
+  """One conversation to answer. input_ids int32 [n], tiles uint8 [t, H, W, 3] (from `Engine.encode`).
   temperature 0 = greedy, top_k 0 = off, top_p 1 = off; `emit` is called on the engine's thread with
   Delta and Finish events."""
   input_ids: np.ndarray
@@ -280,7 +280,7 @@ class Engine:
     for bucket in self.buckets:
       ids = np.full([bucket], self.tokenizer.pad_id, np.int32)
       size = self.config.model.vision.image_size
-      self._start(0, _Slot(Request(ids, np.zeros([0, size, size, 3], np.float32), 1, lambda e: None), [], _key(0)))
+      self._start(0, _Slot(Request(ids, np.zeros([0, size, size, 3], np.uint8), 1, lambda e: None), [], _key(0)))
     self._step()
     self.slots = jax.tree.map(jnp.zeros_like, self.slots)
 
