@@ -32,9 +32,9 @@ def state_bytes(cfg, stage_name, fsdp=1):
 
 
 def batch_bytes(cfg, batch_size, seq_len):
-  """Bytes of a global LM batch: 4 int32 [B, S] arrays, pixels f32 [B, N, H, W, 3], tile_mask bool [B, N]."""
+  """Bytes of a global LM batch: 4 int32 [B, S] arrays, pixels uint8 [B, N, H, W, 3], tile_mask bool [B, N]."""
   v, n = cfg.model.vision, cfg.data.max_tiles
-  return batch_size * (4 * 4 * seq_len + 4 * n * v.image_size ** 2 * 3 + n)
+  return batch_size * (4 * 4 * seq_len + n * v.image_size ** 2 * 3 + n)
 
 
 def test_topology_next_to_the_cpu_backend():
