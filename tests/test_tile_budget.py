@@ -201,3 +201,29 @@ def test_config_validates_the_budget():
   stage = dataclasses.replace(cfg.train.stage("instruct"), batch_size=12, grad_accum=2)
   with pytest.raises(ValueError, match="whole shards"):
     tile_budget.bin_rows(stage, 12, 4)  # 12 rows over 4 shards x 2 micro-batches
+
+
+def test_run_logs_the_budget_counts(shapes_data_dir, tmp_path):  # noqa: F811
+  """4 instruct steps of the tiny run config under a budget (8 batch shards), logged every 2: each record carries the loader's counts
+  so far, those of the same stream rebuilt here and advanced as many batches."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from vlm_jax.inputs import shards  # pylint: disable=import-outside-toplevel
+  from vlm_jax.inputs.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from vlm_jax.train import metrics, run  # pylint: disable=import-outside-toplevel
+  run_config = str(pathlib.Path(__file__).parent / "tiny_run_config.py")
+  cfg = config_lib.load(run_config, [f"data.data_dir={shapes_data_dir}", "data.tile_budget=1",
+                                     "train.stages.instruct.log_every=2", "train.stages.instruct.checkpoint_every=100"])
+  stage, tok = cfg.train.stage("instruct"), load_tokenizer(cfg)
+  mesh = make_mesh(cfg.mesh)
+  assert run.run_stage(cfg, stage, str(tmp_path), mesh, tok, previous=None)
+  records = metrics.read_metrics(tmp_path, "instruct")
+  assert [r["step"] for r in records] == [2, 4]
+  data, seen = shards.ShardedLoader(cfg, stage, tok, 1, mesh=mesh), 0
+  for record in records:
+    for _ in range(record["step"] - seen):
+      next(data)
+    seen = record["step"]
+    want = tile_budget.tile_budget_counts(data)
+    assert {k: record[f"tile_budget/{k}"] for k in tile_budget.BUDGET_COUNTS} == want
+  # One row per batch shard holds one tile: the 2-tile rows are dropped (3 in the first 2 batches, 7 in 4).
+  assert [r["tile_budget/dropped_rows"] for r in records] == [3, 7]

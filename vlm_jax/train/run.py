@@ -34,6 +34,7 @@ from vlm_jax.config import Config, StageConfig
 from vlm_jax.generate import Generator
 from vlm_jax.inputs import loader as loader_lib
 from vlm_jax.inputs import shards
+from vlm_jax.inputs.tile_budget import tile_budget_counts
 from vlm_jax.inputs.tokenizer import load_tokenizer
 from vlm_jax.model import lora as lora_lib
 from vlm_jax.model import vlm
@@ -125,6 +126,8 @@ def run_stage(config: Config, stage: StageConfig, workdir: str, mesh, tokenizer,
     evaluating = eval_records is not None and step % stage.eval_every == 0
     if step % stage.log_every == 0 or step == stage.steps or evaluating:
       values = summarize(jax.device_get(pending), tokens, time.perf_counter() - tick)
+      if config.data.tile_budget:  # rows this host's loader deferred, dropped or added empty, since the start
+        values.update({f"tile_budget/{k}": v for k, v in tile_budget_counts(data).items()})
       if evaluating:  # outside use_mesh, like `vlm-jax eval`, so the scores equal its on this step's checkpoint
         params = lora_lib.merged(state["params"], stage.lora)
         results, _ = evaluate.score(Generator(config, params, tokenizer), eval_records, progress=False)
