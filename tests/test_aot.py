@@ -150,6 +150,23 @@ def test_llava15_7b_instruct_on_v5p_2x2x2_shards_the_state_with_fsdp():
   assert unsharded > 80e9 and per_device + batch_bytes(full, 128, 2048) / 8 < 11 * 1024 ** 3
 
 
+def test_llama3_8b_state_by_count_on_v5p_2x2x2():
+  """Llama-3-8B's shapes (GQA 32/8, vocab 128256) give Meta's 8.03B decoder params; with CLIP-L and the projector
+  the f32 params and Adam moments of the instruct stage (~98 GB) take 11.4 GiB of each of 8 v5p chips under FSDP,
+  with 4 MiB unsharded (norms, biases). Its full compile at 8192 is `vlm-jax aot`'s (docs/tpu.md): this is the
+  count alone, no compile."""
+  full = config.load("llama3_8b")
+  shapes, _ = vlm_lib.abstract_params(full.model)
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["decoder"])) == 8_030_261_248
+  labels = jax.tree.leaves(optimizer_lib.trainable_labels(shapes, full.train.stage("instruct")))
+  sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+  assert sum(sizes) == pytest.approx(8.355e9, rel=1e-3)
+  assert sum(n for n, label in zip(sizes, labels) if label == "train") == pytest.approx(8.051e9, rel=1e-3)
+  assert state_bytes(full, "instruct")[0] == pytest.approx(97.83e9, rel=1e-3)
+  per_device, replicated = state_bytes(full, "instruct", fsdp=8)
+  assert per_device == pytest.approx(11.39 * 1024 ** 3, rel=1e-3) and replicated < 5 * MiB
+
+
 @pytest.mark.slow
 def test_shapes_moe_experts_shard_over_the_expert_axis_on_v5e_2x4():
   """The MoE demo model on 8 v5e chips as data 4 x expert 2: the compiled step takes each expert weight (and its

@@ -78,7 +78,7 @@ def test_configs_are_frozen():
     _cfg().model.decoder.width = 3
 
 
-@pytest.mark.parametrize("name", ["shapes_tiny", "smolvlm_256m", "llava15_7b", "bench_cpu"])
+@pytest.mark.parametrize("name", ["shapes_tiny", "smolvlm_256m", "llava15_7b", "llama3_8b", "bench_cpu"])
 def test_dict_round_trip(name):
   cfg = config.load(name)
   assert config.from_dict(config.Config, config.to_dict(cfg)) == cfg

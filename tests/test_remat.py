@@ -12,6 +12,7 @@ from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.pri
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fixtures_numerics import assert_trees_f32_close
+from vlm_jax.compile_cache import fresh_compiles
 from vlm_jax.config import DecoderConfig
 from vlm_jax.model import kernels
 from vlm_jax.model.attention import make_attention_mask
@@ -171,8 +172,9 @@ def test_offload_on_tpu_moves_the_attention_residuals_to_host_memory():
     shapes = jax.eval_shape(lambda: layer_params(cfg, 128))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
     x = jax.ShapeDtypeStruct((B, 128, cfg.width), jnp.float32, sharding=replicated)
-    compiled = {p: jax.jit(jax.grad(layer_loss(p, cfg, 128))).lower(params, x).compile()
-                for p in ("save_dot_except_mlp", "offload_dot_except_mlp")}
+    with fresh_compiles():  # the persistent cache cannot load a topology's executable back
+      compiled = {p: jax.jit(jax.grad(layer_loss(p, cfg, 128))).lower(params, x).compile()
+                  for p in ("save_dot_except_mlp", "offload_dot_except_mlp")}
   offloaded = B * 128 * (4 * 32 + 2 * 32 + 2 * 32 + 128) * 4  # q, k, v, out: float32 [B, S, heads, head_dim]
   assert compiled["offload_dot_except_mlp"].memory_analysis().host_temp_size_in_bytes == offloaded
   assert compiled["save_dot_except_mlp"].memory_analysis().host_temp_size_in_bytes == 0
