@@ -1,6 +1,10 @@
 """vlm_jax.aot's HLO roofline: XLA's whole-step cost of the compiled TPU program, the estimated step time and MFU
 from it, and XLA:TPU's optimal_seconds only where it is sane. One tiny unscanned compile for v5e:2x2."""
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import aot, config, flops
 
@@ -12,7 +16,7 @@ TINY = ["model.scan_layers=false", "model.decoder.num_layers=2", "model.vision.d
 @pytest.fixture(scope="module")
 def report():
   cfg = config.load("shapes_tiny", TINY)
-  return aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=8, seq_len=128, prefill=False, roofline="auto")
+  return aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=4, seq_len=1024, prefill=False, roofline="auto")
 
 
 def test_roofline_is_max_of_xla_flops_and_bytes_over_the_chip(report):
@@ -21,16 +25,23 @@ def test_roofline_is_max_of_xla_flops_and_bytes_over_the_chip(report):
   compiled = r["programs"]["train_step"]["compiled"]
   cost = aot.xla_cost(compiled)
   assert r["roofline_method"] == "unscanned" and r["xla_cost"] == cost
+  assert cost["loops"] == 0  # the two loss chunks of 512 are unrolled in an unscanned model
   raw = compiled.cost_analysis()
   assert cost["flops"] == raw["flops"] > 0 and cost["bytes"] == raw["bytes accessed"] > 0
   v5e = aot.CHIPS["v5e"]
   assert (v5e.peak_flops, v5e.hbm_bandwidth) == (197e12, 0.82e12)
-  expected = max(cost["flops"] / 197e12, cost["bytes"] / 0.82e12)  # one device per v5e chip
+  tiny = config.load("shapes_tiny", TINY)
+  kernel = flops.attention_kernel_flops(tiny, "instruct", 4, 1024) / 4  # per device: the decoder's splash calls
+  assert r["kernel_flops"] == pytest.approx(kernel, rel=1e-12) and kernel > 0
+  compute = (cost["flops"] + kernel) / 197e12  # one device per v5e chip
+  expected = max(compute, cost["bytes"] / 0.82e12)
   assert r["roofline_seconds"] == pytest.approx(expected, rel=1e-12)
-  assert r["roofline_bound"] == ("compute" if cost["flops"] / 197e12 >= cost["bytes"] / 0.82e12 else "memory")
-  model_flops = flops.train_step_flops(config.load("shapes_tiny", TINY), "instruct", 8, 128)
+  assert r["roofline_bound"] == ("compute" if compute >= cost["bytes"] / 0.82e12 else "memory")
+  model_flops = flops.train_step_flops(tiny, "instruct", 4, 1024)
   assert r["flops_per_step"] == model_flops
   assert r["mfu_estimate"] == pytest.approx(model_flops / (4 * 197e12 * expected), rel=1e-12)
+  # everything counted: the hardware's work covers the model's, so the estimate cannot pass 1
+  assert 4 * (cost["flops"] + kernel) >= model_flops
   assert 0 < r["mfu_estimate"] < 1
 
 
@@ -72,20 +83,25 @@ def test_extrapolation_over_layers_of_both_towers(monkeypatch):
     def __init__(self, c):
       self.c = c
 
+    def as_text(self):
+      return ""
+
     def cost_analysis(self):
       d, v = self.c.model.decoder.num_layers, self.c.model.vision.depth
       return {"flops": 10.0 + 3.0 * d + 5.0 * v, "bytes accessed": 1.0 + 7.0 * d + 2.0 * v,
               "optimal_seconds": -1.0 + 0.5 * d}
 
-  def fake_compile(c, stage, mesh, batch):
-    assert not c.model.scan_layers
+  def fake_compile(c, stage, mesh, batch, compiler_options=None):
+    assert not c.model.scan_layers and stage.grad_accum == 1
+    assert compiler_options == aot.COST_COMPILER_OPTIONS
     seen.append((c.model.decoder.num_layers, c.model.vision.depth))
     return {"compiled": Fake(c)}
   monkeypatch.setattr(aot, "compile_train_step", fake_compile)
   batch = {"pixel_values": type("S", (), {"shape": (8, 2, 48, 48, 3)})()}
   cost = aot.whole_step_cost(cfg, cfg.train.stage("instruct"), None, batch, "extrapolate")
   assert seen == [(2, 2), (4, 2), (2, 4)]
-  assert cost == pytest.approx({"flops": 10 + 90 + 60, "bytes": 1 + 210 + 24, "optimal_seconds": -1 + 15})
+  assert cost == pytest.approx({"flops": 10 + 90 + 60, "bytes": 1 + 210 + 24, "optimal_seconds": -1 + 15,
+                                "loops": 0})
   assert aot.extrapolate({"x": 1.0}, {"x": 3.0}, 2, 4, 32) == {"x": 31.0}
 
 
@@ -96,3 +112,20 @@ def test_tpu_program_runs_the_splash_attention_kernel(report):
   assert "custom_call_target=\"tpu_custom_call\"" in hlo
   for phase in ("fwd", "dq", "dkv"):
     assert f"splash_mha_{phase}_segmented" in hlo, phase
+
+
+def test_cost_compiles_count_fsdp_matmuls_whole():
+  """Weights sharded over fsdp: XLA:TPU makes all-gather + dot a windowed einsum, a while loop of partial dots
+  that cost_analysis counts once (a quarter of the FLOPs here). The cost compiles' options turn it off: no
+  loop, and XLA's count is the matmuls' 2 * (forward + weight gradient) FLOPs per device."""
+  _, devices, _ = aot.topology_devices("v5p:2x2x2")
+  mesh = Mesh(np.array(devices).reshape(-1), ("fsdp",))
+  x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
+  w = jax.ShapeDtypeStruct((4096, 16384), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32)), argnums=1))
+  windowed = aot.compile_memory(grad, x, w)["compiled"]
+  whole = aot.compile_memory(grad, x, w, compiler_options=aot.COST_COMPILER_OPTIONS)["compiled"]
+  expected = 2 * (2 * 8192 * 4096 * 16384) / len(devices)
+  assert aot.count_loops(windowed) >= 1 and aot.xla_cost(windowed)["flops"] < 0.8 * expected
+  cost = aot.xla_cost(whole)
+  assert cost["loops"] == 0 and cost["flops"] == pytest.approx(expected, rel=2e-3)

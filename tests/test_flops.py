@@ -50,11 +50,46 @@ def test_feature_layer_and_pixel_shuffle():
   assert flops.vision_layers_used(llava) == 23  # feature_layer -2 of 24 blocks
   assert terms["vision.attn.q"] == 2 * 577 * 1024 * 1024 * 23  # 24x24 patches + CLS
   assert terms["projector.linear_1"] == 2 * 576 * 1024 * 4096  # CLS dropped ('default')
-  smol = config.load("smolvlm_256m")
+  smol = config.load("smolvlm_256m", ["data.tile_budget=0"])  # every slot through the ViT
   terms = {m.name: m.flops for m in flops.matmuls(smol, 1, 2048, 17)}
   assert terms["projector.proj"] == 2 * 17 * 64 * (768 * 16) * 576  # 1024 patches / 16 after the shuffle
   assert terms["decoder.lm_head"] == 2 * 2048 * 576 * 49280  # tied: the embedding table
   assert flops.train_step_breakdown(smol, "instruct", 1, 2048, 17)["lm_head"] == 3 * terms["decoder.lm_head"]
+
+
+def test_tile_budget_counts_the_tiles_the_vit_runs():
+  """smolvlm_256m ships data.tile_budget=14 for its 17 slots: the ViT and the projector run on 14 tiles a row
+  (vlm.gather_tiles), the decoder on every position."""
+  smol = config.load("smolvlm_256m")
+  assert smol.data.tile_budget == 14 and smol.data.max_tiles == 17
+  budget = {m.name: m.flops for m in flops.matmuls(smol, 2, 2048, 17)}
+  slots = {m.name: m.flops for m in flops.matmuls(config.load("smolvlm_256m", ["data.tile_budget=0"]), 2, 2048, 17)}
+  assert budget.keys() == slots.keys()
+  for name, f in budget.items():
+    assert f == (slots[name] * 14 / 17 if name.split(".")[0] in ("vision", "projector") else slots[name]), name
+  assert budget["projector.proj"] == 2 * 2 * 14 * 64 * (768 * 16) * 576
+  # 14 or more slots: the budget is off, every slot runs
+  assert flops.forward_flops(smol, 2, 2048, 14) == flops.forward_flops(
+      config.load("smolvlm_256m", ["data.tile_budget=0"]), 2, 2048, 14)
+
+
+def test_attention_kernel_flops():
+  """The attention products the TPU splash kernel runs (XLA's cost analysis does not see inside it): the
+  decoder's at rows in whole 128 blocks, the ViT's at 128 positions or more; forward, backward (2x) and under
+  remat the forward again where a backward runs."""
+  def attention(cfg, tower, *shape):
+    by_name = {m.name: m.flops for m in flops.matmuls(cfg, *shape)}
+    return by_name[f"{tower}.attn.scores"] + by_name[f"{tower}.attn.values"]
+  tiny = config.load("shapes_tiny", TINY + ["model.remat=full"])  # ViT of 36 positions: XLA's attention
+  decoder = attention(tiny, "decoder", 2, 256, 2)
+  assert flops.attention_kernel_flops(tiny, "instruct", 2, 256, 2) == 4 * decoder
+  assert flops.attention_kernel_flops(tiny, "align", 2, 256, 2) == 4 * decoder  # frozen, gradients pass
+  assert flops.attention_kernel_flops(config.load("shapes_tiny", TINY), "instruct", 2, 256, 2) == 3 * decoder
+  assert flops.attention_kernel_flops(tiny, "instruct", 2, 192, 2) == 0  # 192 % 128: XLA's attention
+  llava = config.load("llava15_7b")  # remat save_dot_except_mlp; CLIP-L/14-336: 577 positions, frozen
+  assert llava.model.remat == "save_dot_except_mlp"
+  assert flops.attention_kernel_flops(llava, "instruct", 4, 2048, 1) == (
+      4 * attention(llava, "decoder", 4, 2048, 1) + attention(llava, "vision", 4, 2048, 1))
 
 
 def test_backward_multipliers_per_stage():

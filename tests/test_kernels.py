@@ -147,6 +147,15 @@ def test_chunked_cross_entropy_equals_full_logits():
   np.testing.assert_allclose(l_chunk, l_full, rtol=1e-6)
   for a, e in zip(g_chunk, g_full):
     np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+  # unrolled (as an unscanned model runs it, for XLA's cost analysis): no loop left, the same loss and gradients
+  unrolled = lambda h, t: losses.chunked_token_cross_entropy(h, head(t), labels, chunk=4, unroll=True)[0]
+  loops = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(hidden, table).compile().as_text().count(
+      " while(")
+  assert loops(chunked) >= 1 and loops(unrolled) == 0
+  l_unrolled, g_unrolled = jax.jit(jax.value_and_grad(unrolled, argnums=(0, 1)))(hidden, table)
+  np.testing.assert_allclose(l_unrolled, l_chunk, rtol=1e-6)
+  for a, e in zip(g_unrolled, g_chunk):
+    np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
   count = losses.chunked_token_cross_entropy(hidden, head(table), labels, chunk=4)[1]
   assert count == losses.supervised_tokens(labels) == 2 * 7 - 2  # labels 1 and 2 of row 0 are ignored
 

@@ -41,7 +41,8 @@ ADAPTED = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate
 
 
 def bytes_equal(a, b):
-  return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
 
 
 def tree_bytes(tree):
@@ -224,6 +225,15 @@ def test_peft_adapter_loads_in_peft_and_imports_back(hf_lora, tokenizer_dir, tmp
   assert jax.tree.structure(back) == jax.tree.structure(adapters) and bytes_equal(back, adapters)
   assert bytes_equal(hf_names.flatten(back_full), [full[k] for k in sorted(full)])
   assert lora.target_paths(params, back_config) == lora.target_paths(params, lc)
+  # `vlm-jax import-hf --adapter`: the workdir holds the base with the adapters merged, linear_2 replaced
+  logged = []
+  load.import_hf(hf_dir, tmp_path / "imported", adapter=out, log=logged.append)
+  want = jax.tree.map(np.asarray, lora.merge(params, adapters, lc))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
+  imported = checkpoint.final_params(tmp_path / "imported", load.IMPORT_STAGE, target)
+  assert bytes_equal(imported, want)
+  assert logged == [f"merged the PEFT adapter {out}: rank 4, alpha 8, 11 target kernel(s); 2 param(s) saved whole "
+                    "replaced"]  # linear_2's kernel and bias
 
 
 def test_workdir_export_adapter_on_base_equals_merged(lora_run, tmp_path):

@@ -18,12 +18,15 @@ fusion, remat and layout) and estimates the step time and MFU from them:
   roofline time = max(XLA flops / device peak, XLA bytes accessed / device HBM bandwidth)
   estimated MFU = model FLOPs / (chips * peak * roofline time)
 
-XLA counts a scanned loop body once, so these come from an unscanned compile (`roofline="unscanned"`), or from
-unscanned compiles of 2k and 4k decoder layers (k = the MoE interleave; the ViT likewise at 2 and 4 blocks)
+XLA counts a loop body once, so these come from compiles without loops: unscanned (`roofline="unscanned"`),
+or unscanned at 2k and 4k decoder layers (k = the MoE interleave; the ViT likewise at 2 and 4 blocks)
 extrapolated linearly, c(L) = c(2k) + (L - 2k) / 2k * (c(4k) - c(2k)) (`"extrapolate"`, much cheaper for big
-models). Pallas kernels are custom calls XLA does not count: their model FLOPs are added at peak. XLA:TPU's own
-`optimal_seconds` is shown only where it is sane (positive and not below the roofline); on v5e and on some whole
-steps it comes out negative.
+models). An unscanned model also unrolls the chunked loss; the cost compiles turn off XLA:TPU's windowed
+einsums (FSDP's all-gather + dot as a loop of partial dots: same FLOPs, other schedule) and run the stage's
+micro-batches as one (grad_accum 1: same FLOPs). Loops still left are reported (`xla_cost["loops"]`). Pallas
+kernels are custom calls XLA does not count: their model FLOPs (`flops.attention_kernel_flops`) are added at
+peak. XLA:TPU's own `optimal_seconds` is shown only where it is sane (positive and not below the roofline); on
+v5e and on some whole steps it comes out negative.
 
 A compile that runs out of HBM (XLA fails with RESOURCE_EXHAUSTED) is reported as not fitting.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -103,14 +107,19 @@ def memory_stats(compiled: Any) -> dict[str, int]:
   return out
 
 
-def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
+# For cost compiles only: FSDP's all-gather + dot as one dot, not a while loop XLA's cost analysis counts once.
+COST_COMPILER_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def compile_memory(fn: Any, *args: Any, compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Lowers and compiles fn(*args) -> {"memory": memory_stats, "error": None, "compile_seconds", "compiled"
   (the executable: its input_shardings, as_text())}, or memory and compiled None and the error message when
   XLA finds it does not fit in HBM."""
   start = time.perf_counter()
   try:
     with fresh_compiles():  # the persistent cache could not load a topology's executable back (no TPU client)
-      compiled = fn.lower(*args).compile()
+      compiled = fn.lower(*args).compile(compiler_options=compiler_options)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -122,11 +131,17 @@ def compile_memory(fn: Any, *args: Any) -> dict[str, Any]:
 
 def xla_cost(compiled: Any) -> dict[str, float]:
   """XLA's per-device cost analysis of a compiled executable: flops, bytes (accessed), optimal_seconds
-  (XLA:TPU's cost-model time; -1.0 where the backend gives none)."""
+  (XLA:TPU's cost-model time; -1.0 where the backend gives none) and loops: the while loops in the program,
+  each body counted once."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
-          "optimal_seconds": float(cost.get("optimal_seconds", -1.0))}
+          "optimal_seconds": float(cost.get("optimal_seconds", -1.0)), "loops": float(count_loops(compiled))}
+
+
+def count_loops(compiled: Any) -> int:
+  """While loops in a compiled program's HLO."""
+  return len(re.findall(r"\bwhile\(", compiled.as_text()))
 
 
 def roofline_seconds(cost: dict[str, float], chip: Chip, per_chip: int, kernel_flops: float = 0.0) -> float:
@@ -170,14 +185,15 @@ def abstract_batch(config: Config, loss: str, batch_size: int, seq_len: int, num
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sharding(mesh, v.ndim)) for k, v in arrays.items()}
 
 
-def compile_train_step(config: Config, stage: Any, mesh: Any, batch: dict) -> dict[str, Any]:
+def compile_train_step(config: Config, stage: Any, mesh: Any, batch: dict,
+                       compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Compiles the stage's real train step (state donated) for the mesh."""
   shapes, _ = vlm.abstract_params(config.model)
   tx = optimizer_lib.make_optimizer(stage, shapes)
   abstract = step_lib.abstract_state(config, stage, mesh, tx)
   with step_lib.use_mesh(mesh):
     train_step = step_lib.make_train_step(vlm.VLM(config.model), stage, mesh, tx, abstract)
-    return compile_memory(train_step, abstract, batch)
+    return compile_memory(train_step, abstract, batch, compiler_options=compiler_options)
 
 
 def compile_prefill(config: Config, mesh: Any, batch: dict) -> dict[str, Any]:
@@ -202,11 +218,14 @@ def _with(config: Config, overrides: list[str]) -> Config:
 
 
 def whole_step_cost(config: Config, stage: Any, mesh: Any, batch: dict, method: str) -> dict[str, float] | None:
-  """XLA's per-device cost of the whole train step, unscanned: one compile ("unscanned"), or the linear
-  extrapolation from 2k and 4k layers per tower ("extrapolate"; see the module docstring). None when a compile
-  does not fit in HBM."""
+  """XLA's per-device cost of the whole train step, without loops where it can (module docstring): one unscanned
+  compile ("unscanned"), or the linear extrapolation from 2k and 4k layers per tower ("extrapolate"). None when
+  a compile does not fit in HBM."""
+  stage = dataclasses.replace(stage, grad_accum=1)
+
   def cost(overrides):
-    out = compile_train_step(_with(config, ["model.scan_layers=false", *overrides]), stage, mesh, batch)
+    out = compile_train_step(_with(config, ["model.scan_layers=false", *overrides]), stage, mesh, batch,
+                             compiler_options=COST_COMPILER_OPTIONS)
     return None if out["compiled"] is None else xla_cost(out["compiled"])
   if method == "unscanned":
     return cost([])
@@ -296,33 +315,40 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
 
 def hlo_estimate(config: Config, stage: Any, mesh: Any, batch: dict, train: dict, method: str, chip: Chip,
                  per_chip: int, num_chips: int, step_flops: float) -> dict[str, Any]:
-  """The report's HLO roofline keys: xla_cost (per device, whole step), roofline_method, roofline_seconds,
+  """The report's HLO roofline keys: xla_cost (per device, whole step), kernel_flops (per device, the Pallas
+  kernels' model FLOPs XLA does not count), roofline_method, roofline_seconds,
   roofline_bound ('compute' | 'memory'), mfu_estimate, optimal_seconds (None unless sane), optimal_mfu."""
-  out = dict(xla_cost=None, roofline_method=method, roofline_seconds=None, roofline_bound=None,
-             mfu_estimate=None, optimal_seconds=None, optimal_mfu=None)
+  out = dict(xla_cost=None, kernel_flops=None, roofline_method=method, roofline_seconds=None,
+             roofline_bound=None, mfu_estimate=None, optimal_seconds=None, optimal_mfu=None)
   if method == "auto":
     method = "unscanned" if not config.model.scan_layers else "extrapolate"
     out["roofline_method"] = method
   if method == "none" or train["compiled"] is None:
     return out
-  if method == "unscanned" and not config.model.scan_layers:
-    cost = xla_cost(train["compiled"])
+  if method == "unscanned" and not config.model.scan_layers and not count_loops(train["compiled"]):
+    cost = xla_cost(train["compiled"])  # the program that runs is already whole
   else:
     cost = whole_step_cost(config, stage, mesh, batch, method)
   if cost is not None:
-    out.update(estimate_from_cost(cost, chip, per_chip, num_chips, step_flops))
+    kernel = 0.0
+    if config.model.kernels == "tpu" and "input_ids" in batch:
+      (b, length), pixels = batch["input_ids"].shape, batch.get("pixel_values")
+      kernel = flops_lib.attention_kernel_flops(config, stage, b, length, 0 if pixels is None else pixels.shape[1])
+    out.update(estimate_from_cost(cost, chip, per_chip, num_chips, step_flops, kernel))
   return out
 
 
 def estimate_from_cost(cost: dict[str, float], chip: Chip, per_chip: int, num_chips: int,
-                       step_flops: float) -> dict[str, Any]:
-  """XLA's whole-step cost per device -> xla_cost, roofline_seconds, roofline_bound, mfu_estimate (model FLOPs
-  over chips * peak * roofline), optimal_seconds (None unless sane) and optimal_mfu."""
-  seconds = roofline_seconds(cost, chip, per_chip)
-  compute = cost["flops"] / (chip.peak_flops / per_chip)
+                       step_flops: float, kernel_flops: float = 0.0) -> dict[str, Any]:
+  """XLA's whole-step cost per device -> xla_cost, kernel_flops (per device, added at peak), roofline_seconds,
+  roofline_bound, mfu_estimate (model FLOPs over chips * peak * roofline), optimal_seconds (None unless sane)
+  and optimal_mfu. kernel_flops: the whole step's, over all chips."""
+  per_device = kernel_flops / (num_chips * per_chip)
+  seconds = roofline_seconds(cost, chip, per_chip, per_device)
+  compute = (cost["flops"] + per_device) / (chip.peak_flops / per_chip)
   optimal = sane_optimal_seconds(cost["optimal_seconds"], seconds)
   mfu = lambda t: step_flops / (num_chips * chip.peak_flops * t)
-  return dict(xla_cost=cost, roofline_seconds=seconds, roofline_bound="compute" if compute >= seconds else "memory",
+  return dict(xla_cost=cost, kernel_flops=per_device, roofline_seconds=seconds, roofline_bound="compute" if compute >= seconds else "memory",
               mfu_estimate=mfu(seconds), optimal_seconds=optimal, optimal_mfu=None if optimal is None else mfu(optimal))
 
 
@@ -360,8 +386,10 @@ def format_report(r: dict[str, Any]) -> str:
     cost = r["xla_cost"]
     optimal = ("no estimate" if r["optimal_seconds"] is None else
                f"{r['optimal_seconds'] * 1e3:.1f} ms -> est. MFU {r['optimal_mfu']:.2f}")
-    lines += [f"XLA per device         {cost['flops'] / 1e12:.3f} TFLOP, {cost['bytes'] / 1e9:.2f} GB accessed "
-              f"(whole step, {r['roofline_method']})",
+    loops = int(cost.get("loops", 0))
+    lines += [f"XLA per device         {cost['flops'] / 1e12:.3f} TFLOP + {r['kernel_flops'] / 1e12:.3f} in kernels, "
+              f"{cost['bytes'] / 1e9:.2f} GB accessed (whole step, {r['roofline_method']})"
+              + (f"; {loops} loop(s) counted once: an undercount" if loops else ""),
               f"HLO roofline           {r['roofline_seconds'] * 1e3:.1f} ms ({r['roofline_bound']}) -> est. MFU "
               f"{r['mfu_estimate']:.2f}",
               f"XLA optimal_seconds    {optimal}"]

@@ -106,7 +106,7 @@ def cmd_export(args) -> int:
 
 def cmd_import_hf(args) -> int:
   from vlm_jax.convert import load  # pylint: disable=import-outside-toplevel
-  cfg = load.import_hf(args.hf_dir, args.workdir)
+  cfg = load.import_hf(args.hf_dir, args.workdir, adapter=args.adapter)
   print(f"imported {args.hf_dir} into {args.workdir} (stage 'import'; vision {cfg.model.vision.kind}, "
         f"projector {cfg.model.projector.kind}, decoder {cfg.model.decoder.num_layers} layers)")
   return 0
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("import-hf", help="turn a transformers LLaVA / Idefics3 directory into a vlm_jax workdir")
   p.add_argument("--hf-dir", required=True, help="local directory with config.json, *.safetensors, tokenizer")
   p.add_argument("--workdir", required=True)
+  p.add_argument("--adapter", default=None,
+                 help="a PEFT LoRA directory of this base (adapter_config.json, adapter_model.safetensors): merged "
+                 "into the imported weights")
   p.set_defaults(fn=cmd_import_hf)
 
   p = sub.add_parser("init", help="compose a VLM workdir from a HF vision tower and a HF causal LM (new projector)")

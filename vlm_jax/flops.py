@@ -4,7 +4,8 @@ Conventions (the usual MFU ones, as in PaLM and MaxText):
 - Only matmuls count: a [m, k] x [k, n] product is 2*m*k*n FLOPs. Norms, activations, softmax, RoPE,
   embedding gathers and the loss are left out (a few percent at most).
 - Every tile slot (`num_tiles` per row, default `data.max_tiles`) goes through the ViT, as the static-shape
-  model does, real or masked. Every sequence position goes through the decoder and the lm_head.
+  model does, real or masked; under `data.tile_budget` the budget's tiles per row do (what runs). Every
+  sequence position goes through the decoder and the lm_head.
 - Causal self-attention counts half of the dense S x S score and value products (the work a causal
   kernel does; MaxText does the same). `causal_as_full=True` counts the dense products, which is what
   XLA's cost analysis sees for a dense masked attention. Packed segments do not reduce the count.
@@ -32,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from vlm_jax.config import Config, StageConfig, VisionConfig, row_shape
+from vlm_jax.config import Config, StageConfig, VisionConfig, row_shape, tile_budget_per_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,7 @@ def matmuls(cfg: Config, batch_size: int, seq_len: int | None = None, num_tiles:
     num_tiles = 1
   else:
     num_tiles = cfg.data.max_tiles if num_tiles is None else num_tiles
+    num_tiles = tile_budget_per_row(cfg, num_tiles) or num_tiles  # the ViT runs on the budget, not the slots
   tiles = batch_size * num_tiles
   if tiles:
     t.add("vision.patch_embed", "vision_embed", "vision/patch_embed/kernel", tiles * v.num_patches,
@@ -276,21 +278,54 @@ def train_step_breakdown(cfg: Config, stage: StageConfig | str | None = None, ba
   row_tokens, row_tiles = row_shape(cfg, stage)
   seq_len = row_tokens if seq_len is None else seq_len
   num_tiles = row_tiles if num_tiles is None else num_tiles
+  out = dict.fromkeys(BLOCK_INPUTS, 0.0)
+  for mm, times in _step_matmuls(cfg, stage, batch_size, seq_len, num_tiles):
+    out[mm.block] += mm.flops * times
+  out = {b: f for b, f in out.items() if f}
+  out["total"] = sum(out.values())
+  return out
+
+
+def _step_matmuls(cfg: Config, stage: StageConfig, batch_size: int, seq_len: int, num_tiles: int):
+  """Yields (forward matmul, how many times its FLOPs count in a train step: 1 + its backward products)."""
   trains = {b: any(is_trainable(p, stage.trainable) for p in paths) for b, paths in _block_params(cfg).items()}
   before = {b: any(trains[u] for u in _upstream(b)) for b in BLOCK_INPUTS}
-  out = dict.fromkeys(BLOCK_INPUTS, 0.0)
   for mm in matmuls(cfg, batch_size, seq_len, num_tiles, loss=stage.loss):
     weight_grad = mm.weight is not None and is_trainable(mm.weight, stage.trainable)
     input_grad = before[mm.block] or (trains[mm.block] and not mm.entry)
     if mm.block == "vision_embed":
       input_grad = False  # nothing needs d(pixels)
     if mm.weight is None:  # scores / values: both operands are activations, each gets a gradient
-      out[mm.block] += mm.flops * (3 if input_grad else 1)
+      yield mm, 3 if input_grad else 1
     else:
-      out[mm.block] += mm.flops * (1 + weight_grad + input_grad)
-  out = {b: f for b, f in out.items() if f}
-  out["total"] = sum(out.values())
-  return out
+      yield mm, 1 + weight_grad + input_grad
+
+
+KERNEL_MIN_BLOCK = 128  # vlm_jax/model/kernels/tpu.py's MIN_BLOCK: shorter sequences keep XLA's attention
+
+
+def attention_kernel_flops(cfg: Config, stage: StageConfig | str | None = None, batch_size: int | None = None,
+                           seq_len: int | None = None, num_tiles: int | None = None) -> float:
+  """Model FLOPs of a train step's self-attention products (scores and values) that run in the TPU splash kernel
+  (model.kernels=tpu): custom calls, which XLA's cost analysis does not count. The decoder's causal attention
+  (rows in whole 128 blocks) and the ViT's (at least 128 positions). Each counts as in train_step_breakdown,
+  plus one more forward under remat where a backward runs (the kernel's output is no dot a policy can save).
+  Defaults as in train_step_breakdown."""
+  stage = _stage(cfg, stage)
+  batch_size = stage.batch_size if batch_size is None else batch_size
+  row_tokens, row_tiles = row_shape(cfg, stage)
+  seq_len = row_tokens if seq_len is None else seq_len
+  num_tiles = row_tiles if num_tiles is None else num_tiles
+  if stage.loss != "lm":
+    return 0.0
+  runs = {"decoder": seq_len % KERNEL_MIN_BLOCK == 0,
+          "vision": cfg.model.vision.num_positions >= KERNEL_MIN_BLOCK}
+  total = 0.0
+  for mm, times in _step_matmuls(cfg, stage, batch_size, seq_len, num_tiles):
+    tower = mm.name.split(".")[0]
+    if mm.weight is None and mm.name.split(".")[1] == "attn" and runs.get(tower, False):
+      total += mm.flops * (times + (times > 1 and cfg.model.remat != "none"))
+  return total
 
 
 def train_step_flops(cfg: Config, stage: StageConfig | str | None = None, batch_size: int | None = None,

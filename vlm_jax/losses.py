@@ -48,17 +48,19 @@ def chunk_length(seq_len: int, chunk: int = LOSS_CHUNK) -> int:
 
 
 def chunked_token_cross_entropy(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], labels: jax.Array,
-                                chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+                                chunk: int = LOSS_CHUNK, unroll: bool = False) -> tuple[jax.Array, jax.Array]:
   """`token_cross_entropy(head(hidden), labels)` without the [B, S, V] logits: hidden [B, S, D] goes through
   head ([B, c, D] -> float32 [B, c, V]) and the loss in sequence chunks of c = `chunk_length(S, chunk)`, each
-  rematerialized in the backward pass, so one chunk's logits exist at a time. -> (summed NLL f32 [], int32 [])."""
+  rematerialized in the backward pass, so one chunk's logits exist at a time. -> (summed NLL f32 [], int32 []).
+  unroll: unroll the chunk loop (an unscanned model does, so that XLA's cost analysis counts every chunk)."""
   b, s, d = hidden.shape
   c = chunk_length(s, chunk)
   targets = next_token_targets(labels)
   pieces = (hidden.reshape(b, s // c, c, d).swapaxes(0, 1), targets.reshape(b, s // c, c).swapaxes(0, 1))
 
   chunk_nll = jax.checkpoint(lambda h, t: _summed_nll(head(h), t))
-  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32), pieces)
+  total, _ = jax.lax.scan(lambda acc, xs: (acc + chunk_nll(*xs), None), jnp.zeros((), jnp.float32), pieces,
+                          unroll=unroll)
   return total, jnp.sum(targets != IGNORE_ID, dtype=jnp.int32)
 
 

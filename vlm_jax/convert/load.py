@@ -294,12 +294,16 @@ def write_workdir(workdir: str | os.PathLike, config: Config, params: Any, tok: 
 
 
 def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, scan_layers: bool = True,
-              log: Callable[[str], None] = print) -> Config:
+              adapter: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> Config:
   """Writes workdir W from a LLaVA / Idefics3 directory (see the module docstring); returns the Config saved in
-  W/config.json. Train from it with `train.stages.<first>.init_from=W`. Logs each special token it had to add."""
+  W/config.json. Train from it with `train.stages.<first>.init_from=W`. Logs each special token it had to add.
+  adapter: a PEFT LoRA directory of this base (`vlm-jax export --adapter` writes one): its adapters are merged
+  into the weights and the modules it saves whole replace the base's, so W holds the fine-tuned model."""
   from vlm_jax import checkpoint
   hf_dir, workdir = epath.Path(hf_dir), checkpoint.absolute(workdir)
   model, params, tok = load_hf(hf_dir, scan_layers=scan_layers)
+  if adapter is not None:
+    params = merge_adapter(params, adapter, model, log)
   added = hf_tokens.missing_tokens(read_tokenizer(hf_dir), hf_needed_tokens(hf_dir))
   if added:
     log(hf_tokens.added_message(added, tok))
@@ -321,6 +325,22 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, *, scan_lay
                            train=TrainConfig(stages=(stage,))))
   write_workdir(workdir, config, params, tok, stage, hf_tokens.chat_template(hf_dir))
   return config
+
+
+def merge_adapter(params: Any, adapter_dir: str | os.PathLike, model: ModelConfig,
+                  log: Callable[[str], None] = print) -> Any:
+  """params with a PEFT LoRA directory's adapters merged in (W + A B alpha / r, in float32) and the params it
+  saves whole put in place of the base's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from vlm_jax.convert import peft  # pylint: disable=import-outside-toplevel
+  from vlm_jax.model import lora  # pylint: disable=import-outside-toplevel
+  adapters, lora_config, whole = peft.load_adapter(adapter_dir, model)
+  merged = jax.tree.map(np.asarray, lora.merge(params, adapters, lora_config))
+  replaced = hf_names.flatten(whole)
+  flat = {**hf_names.flatten(merged), **replaced}
+  log(f"merged the PEFT adapter {adapter_dir}: rank {lora_config.rank}, alpha {lora_config.alpha:g}, "
+      f"{len(lora_config.targets)} target kernel(s); {len(replaced)} param(s) saved whole replaced")
+  return hf_names.unflatten(flat, model.scan_layers)
 
 
 def local_copy(path: epath.Path) -> str:

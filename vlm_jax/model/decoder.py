@@ -231,7 +231,8 @@ class Decoder(nn.Module):
       kernel = LmHead(c.width, c.vocab_size, name="lm_head")()
       head = lambda h: kernels.matmul(h.astype(self.dtype), kernel, 1, True)
     logits_of = lambda h: constrain(head(h), ("act_batch", "act_length", "act_vocab"))
-    logits = logits_of(x) if labels is None else losses.chunked_token_cross_entropy(x, logits_of, labels)
+    logits = logits_of(x) if labels is None else losses.chunked_token_cross_entropy(
+        x, logits_of, labels, unroll=not self.scan_layers)
     if not with_aux:
       return logits, x
     if not moe:
