@@ -23,7 +23,8 @@ or unscanned at 2k and 4k decoder layers (k = the MoE interleave; the ViT likewi
 extrapolated linearly, c(L) = c(2k) + (L - 2k) / 2k * (c(4k) - c(2k)) (`"extrapolate"`, much cheaper for big
 models). An unscanned model also unrolls the chunked loss; the cost compiles turn off XLA:TPU's windowed
 einsums (FSDP's all-gather + dot as a loop of partial dots: same FLOPs, other schedule) and run the stage's
-micro-batches as one (grad_accum 1: same FLOPs). Loops still left are reported (`xla_cost["loops"]`). Pallas
+micro-batches as one (grad_accum 1: same FLOPs). Loops still left are reported (`xla_cost["loops"]`; e.g.
+XLA:TPU's gather of a tile budget's pixels, which moves bytes only). Pallas
 kernels are custom calls XLA does not count: their model FLOPs (`flops.attention_kernel_flops`) are added at
 peak. XLA:TPU's own `optimal_seconds` is shown only where it is sane (positive and not below the roofline); on
 v5e and on some whole steps it comes out negative.
@@ -389,7 +390,7 @@ def format_report(r: dict[str, Any]) -> str:
     loops = int(cost.get("loops", 0))
     lines += [f"XLA per device         {cost['flops'] / 1e12:.3f} TFLOP + {r['kernel_flops'] / 1e12:.3f} in kernels, "
               f"{cost['bytes'] / 1e9:.2f} GB accessed (whole step, {r['roofline_method']})"
-              + (f"; {loops} loop(s) counted once: an undercount" if loops else ""),
+              + (f"; {loops} while loop(s) left, each body counted once" if loops else ""),
               f"HLO roofline           {r['roofline_seconds'] * 1e3:.1f} ms ({r['roofline_bound']}) -> est. MFU "
               f"{r['mfu_estimate']:.2f}",
               f"XLA optimal_seconds    {optimal}"]
