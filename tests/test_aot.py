@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import aot, config, flops, sharding
+from vlm_jax.model import lora
 from vlm_jax.model import vlm as vlm_lib
 from vlm_jax.train import optimizer as optimizer_lib
 
@@ -80,6 +81,32 @@ def test_shapes_tiny_on_v5e_2x2():
   assert r["compute_seconds"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
   assert r["step_seconds_bound"] == max(r["compute_seconds"], r["memory_seconds"])
   assert r["programs"]["prefill"]["fits"]
+
+
+def test_param_counts_of_a_lora_stage():
+  """A LoRA stage trains its adapter factors and what `trainable` names in full, not the kernels adapted: rank r
+  on a [L, in, out] kernel adds L * r * (in + out) params."""
+  cfg = config.load("shapes_tiny", ["train.stages.instruct.lora.rank=4"])
+  stage = cfg.train.stage("instruct")
+  plain = aot.param_counts(cfg, cfg.train.stage("align"))
+  counts = aot.param_counts(cfg, stage)
+  assert counts["params"] == plain["params"] and plain["adapter_params"] == 0
+  shapes, _ = vlm_lib.abstract_params(cfg.model)
+  targets = lora.target_paths(shapes, stage.lora)
+  layers = cfg.model.decoder.num_layers  # unscanned: one kernel per layer
+  assert len(targets) == 7 * layers and all(p.startswith("decoder/layers_") for p in targets)  # q k v o gate up down
+  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in
+          jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  factors = 0
+  for path in targets:
+    lead, n_in = lora.split_axes(path, flat[path].shape)
+    ins, outs = flat[path].shape[lead:lead + n_in], flat[path].shape[lead + n_in:]
+    factors += math.prod(flat[path].shape[:lead]) * 4 * (math.prod(ins) + math.prod(outs))
+  assert counts["adapter_params"] == factors
+  decoder = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["decoder"]))
+  projector = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["projector"]))
+  adapted = sum(math.prod(flat[p].shape) for p in targets)
+  assert counts["trainable_params"] == projector + decoder - adapted + factors
 
 
 def test_out_of_hbm_is_reported_not_raised(monkeypatch, capsys):

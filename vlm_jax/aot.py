@@ -48,6 +48,7 @@ from vlm_jax import cpu_features
 from vlm_jax import flops as flops_lib
 from vlm_jax.compile_cache import fresh_compiles
 from vlm_jax.config import Config, ConfigError, apply_overrides, row_shape, tile_budget_per_row
+from vlm_jax.model import lora as lora_lib
 from vlm_jax.model import vlm
 from vlm_jax.sharding import data_sharding, make_mesh
 from vlm_jax.train import optimizer as optimizer_lib
@@ -279,9 +280,7 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
     raise ConfigError(f"batch_size={batch_size} is not divisible by the {batch_shards} batch shards (mesh axes "
                       f"{'*'.join(batch_axes)}) on {topology}.")
   batch = abstract_batch(config, stage.loss, batch_size, seq_len, num_tiles, mesh)
-  shapes, _ = vlm.abstract_params(config.model)
-  labels = jax.tree.leaves(optimizer_lib.trainable_labels(shapes, stage))
-  sizes = [math.prod(x.shape) for x in jax.tree.leaves(shapes)]
+  counts = param_counts(config, stage)
   hbm = chip.hbm_bytes // per_chip
 
   programs = {"train_step": compile_train_step(config, stage, mesh, batch)}
@@ -305,13 +304,27 @@ def aot_report(config: Config, topology: str, stage_name: str | None = None, bat
       "config": config.name, "topology": topology, "chip": chip.name, "num_chips": num_chips,
       "num_devices": len(devices), "mesh": dict(mesh.shape), "stage": stage.name, "batch_size": batch_size,
       "seq_len": seq_len, "num_tiles": num_tiles if stage.loss == "lm" else 1, "grad_accum": stage.grad_accum,
-      "params": sum(sizes), "trainable_params": sum(n for n, l in zip(sizes, labels) if l == optimizer_lib.TRAIN),
+      **counts,
       "hbm_per_device": hbm, "programs": programs,
       "fits": all(p["fits"] for p in programs.values()),
       "flops_per_step": step_flops, "hbm_bytes_moved_per_device": moved,
       "compute_seconds": compute_seconds, "memory_seconds": memory_seconds, "step_seconds_bound": bound,
       "mfu_bound": compute_seconds / bound if bound else None,
   }
+
+
+def param_counts(config: Config, stage: Any) -> dict[str, int]:
+  """params (the base's), adapter_params (a LoRA stage's factors, 0 without) and trainable_params (what gets
+  optimizer state: the adapter factors and the params the stage trains in full, not the kernels adapted)."""
+  shapes, logical = vlm.abstract_params(config.model)
+  tree, _ = lora_lib.with_abstract(shapes, logical, stage.lora)
+  labels = jax.tree.leaves(optimizer_lib.trainable_labels(tree, stage))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  size = lambda x: math.prod(x.shape)
+  is_factor = lambda path: jax.tree_util.keystr(path[-1:], simple=True) in ("lora_a", "lora_b")
+  return {"params": sum(size(x) for x in jax.tree.leaves(shapes)),
+          "adapter_params": sum(size(x) for path, x in leaves if is_factor(path)),
+          "trainable_params": sum(size(x) for (_, x), l in zip(leaves, labels) if l == optimizer_lib.TRAIN)}
 
 
 def hlo_estimate(config: Config, stage: Any, mesh: Any, batch: dict, train: dict, method: str, chip: Chip,
@@ -365,7 +378,8 @@ def format_report(r: dict[str, Any]) -> str:
   lines = [f"{r['config']} / stage {r['stage']} on {r['topology']}: {r['num_chips']} x {r['chip']} "
            f"({r['num_devices']} devices, mesh {mesh})",
            f"global batch {r['batch_size']} x seq {r['seq_len']}, {r['num_tiles']} tile(s)/row, grad_accum "
-           f"{r['grad_accum']}; params {r['params'] / 1e6:.1f}M, trainable {r['trainable_params'] / 1e6:.1f}M",
+           f"{r['grad_accum']}; params {r['params'] / 1e6:.1f}M, trainable {r['trainable_params'] / 1e6:.1f}M"
+           + (f" ({r['adapter_params'] / 1e6:.2f}M in LoRA adapters)" if r.get("adapter_params") else ""),
            "",
            f"{'per device':<12}{'argument':>12}{'output':>12}{'alias':>12}{'temp':>12}{'code':>12}{'total':>12}"
            f"{'HBM':>12}  fits  compile"]
