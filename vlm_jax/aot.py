@@ -339,9 +339,11 @@ def hlo_estimate(config: Config, stage: Any, mesh: Any, batch: dict, train: dict
     out["roofline_method"] = method
   if method == "none" or train["compiled"] is None:
     return out
-  if method == "unscanned" and not config.model.scan_layers and not count_loops(train["compiled"]):
-    cost = xla_cost(train["compiled"])  # the program that runs is already whole
-  else:
+  cost = None
+  if method == "unscanned" and not config.model.scan_layers:
+    cost = xla_cost(train["compiled"])
+    cost = cost if not cost["loops"] else None  # else the program that runs is not whole: compile one that is
+  if cost is None:
     cost = whole_step_cost(config, stage, mesh, batch, method)
   if cost is not None:
     kernel = 0.0

@@ -266,6 +266,15 @@ def _stage(cfg: Config, stage: StageConfig | str | None) -> StageConfig:
   return cfg.train.stage(stage) if stage else cfg.train.stages[-1]
 
 
+def _step_shape(cfg: Config, stage: StageConfig | str | None, batch_size: int | None, seq_len: int | None,
+                num_tiles: int | None) -> tuple[StageConfig, int, int, int]:
+  """The defaults of a train step's shape: the stage's batch_size and the row shape its loader fills."""
+  stage = _stage(cfg, stage)
+  row_tokens, row_tiles = row_shape(cfg, stage)
+  return (stage, stage.batch_size if batch_size is None else batch_size, row_tokens if seq_len is None else seq_len,
+          row_tiles if num_tiles is None else num_tiles)
+
+
 def train_step_breakdown(cfg: Config, stage: StageConfig | str | None = None, batch_size: int | None = None,
                          seq_len: int | None = None, num_tiles: int | None = None) -> dict[str, float]:
   """FLOPs of one training step (all micro-batches), forward + backward, per block and 'total'.
@@ -273,11 +282,7 @@ def train_step_breakdown(cfg: Config, stage: StageConfig | str | None = None, ba
   Defaults: the last stage, its global batch_size and the row shape its loader fills (`config.row_shape`: its
   seq_len and tile slots, else data's; no tile slots for 'text').
   """
-  stage = _stage(cfg, stage)
-  batch_size = stage.batch_size if batch_size is None else batch_size
-  row_tokens, row_tiles = row_shape(cfg, stage)
-  seq_len = row_tokens if seq_len is None else seq_len
-  num_tiles = row_tiles if num_tiles is None else num_tiles
+  stage, batch_size, seq_len, num_tiles = _step_shape(cfg, stage, batch_size, seq_len, num_tiles)
   out = dict.fromkeys(BLOCK_INPUTS, 0.0)
   for mm, times in _step_matmuls(cfg, stage, batch_size, seq_len, num_tiles):
     out[mm.block] += mm.flops * times
@@ -311,11 +316,7 @@ def attention_kernel_flops(cfg: Config, stage: StageConfig | str | None = None, 
   (rows in whole 128 blocks) and the ViT's (at least 128 positions). Each counts as in train_step_breakdown,
   plus one more forward under remat where a backward runs (the kernel's output is no dot a policy can save).
   Defaults as in train_step_breakdown."""
-  stage = _stage(cfg, stage)
-  batch_size = stage.batch_size if batch_size is None else batch_size
-  row_tokens, row_tiles = row_shape(cfg, stage)
-  seq_len = row_tokens if seq_len is None else seq_len
-  num_tiles = row_tiles if num_tiles is None else num_tiles
+  stage, batch_size, seq_len, num_tiles = _step_shape(cfg, stage, batch_size, seq_len, num_tiles)
   if stage.loss != "lm":
     return 0.0
   runs = {"decoder": seq_len % KERNEL_MIN_BLOCK == 0,
