@@ -89,3 +89,17 @@ def test_image_tokens_per_tile():
   assert config.load("smolvlm_256m").model.image_tokens_per_tile == 64  # (512/16)^2 / 4^2
   assert config.load("llava15_7b").model.image_tokens_per_tile == 576   # (336/14)^2, CLS dropped
   assert config.load("bench_cpu").model.image_tokens_per_tile == 16     # (128/16)^2 / 2^2
+
+
+def test_repeated_set_options_all_apply(capsys):
+  """`--set a=1 --set b=2` keeps both (argparse's nargs='*' alone keeps only the last)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from vlm_jax import cli  # pylint: disable=import-outside-toplevel
+  assert cli.main(["config", "show", "shapes_tiny", "--set", "train.stages.align.steps=7",
+                   "--set", "train.stages.instruct.steps=9", "seed=3"]) == 0
+  shown = json.loads(capsys.readouterr().out)
+  steps = {s["name"]: s["steps"] for s in shown["train"]["stages"]}
+  assert (steps["align"], steps["instruct"], steps["text_pretrain"], shown["seed"]) == (7, 9, 200, 3)
+  args = cli.build_parser().parse_args(["train", "--config", "shapes_tiny", "--workdir", "w", "--set", "a=1",
+                                        "--set", "b=2", "c=3"])
+  assert args.set == ["a=1", "b=2", "c=3"]
