@@ -1,5 +1,7 @@
 """vlm_jax.aot's HLO roofline: XLA's whole-step cost of the compiled TPU program, the estimated step time and MFU
-from it, and XLA:TPU's optimal_seconds only where it is sane. One tiny unscanned compile for v5e:2x2."""
+from it, and XLA:TPU's optimal_seconds only where it is sane. One tiny unscanned compile for v5e:2x2 (and its prefill)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import aot, config, flops
+
+from test_aot import batch_bytes, state_bytes
 
 pytestmark = pytest.mark.tpu
 TINY = ["model.scan_layers=false", "model.decoder.num_layers=2", "model.vision.depth=1", "model.decoder.width=128",
@@ -16,7 +20,23 @@ TINY = ["model.scan_layers=false", "model.decoder.num_layers=2", "model.vision.d
 @pytest.fixture(scope="module")
 def report():
   cfg = config.load("shapes_tiny", TINY)
-  return aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=4, seq_len=1024, prefill=False, roofline="auto")
+  return aot.aot_report(cfg, "v5e:2x2", "instruct", batch_size=4, seq_len=1024, roofline="auto")
+
+
+def test_memory_of_a_data_parallel_step_on_v5e_2x2(report):
+  """Replicated params (f32) and Adam moments of the trainable ones, a quarter of the batch, step and rng; TPU
+  layouts pad small arrays to (8, 128) tiles, which adds a few percent on a model this small."""
+  r, cfg = report, config.load("shapes_tiny", TINY)
+  assert r["mesh"]["data"] == 4 and math.prod(r["mesh"].values()) == 4 and r["fits"]
+  train = r["programs"]["train_step"]["memory"]
+  state, _ = state_bytes(cfg, "instruct")
+  assert r["params"] * 4 + r["trainable_params"] * 8 == state
+  expected = state + batch_bytes(cfg, 4, 1024) / 4 + 4 + 8
+  assert expected <= train["argument"] <= 1.12 * expected
+  assert state <= train["alias"] <= 1.12 * state  # the donated state is updated in place
+  assert r["compute_seconds"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
+  assert r["step_seconds_bound"] == max(r["compute_seconds"], r["memory_seconds"])
+  assert r["programs"]["prefill"]["fits"] and r["programs"]["prefill"]["memory"]["total"] > 0
 
 
 def test_roofline_is_max_of_xla_flops_and_bytes_over_the_chip(report):
