@@ -93,3 +93,17 @@ def test_torch_ratios(results):
   assert g["decode_speedup_vs_torch"] == g["decode_tokens_per_s"] / best_theirs
   for x in [*theirs["train"].values(), *theirs["generate"].values()]:
     assert all(math.isfinite(v) and v > 0 for v in x.values()), x
+
+
+def test_train_batch_has_the_loaders_dtypes_and_shapes():
+  """The bench times the step the loader feeds: uint8 pixels (normalized in the step), the contract's shapes."""
+  from vlm_jax.bench import measure  # pylint: disable=import-outside-toplevel
+  from vlm_jax.model import vlm as vlm_lib  # pylint: disable=import-outside-toplevel
+  cfg = config.load("shapes_tiny")
+  batch = measure.train_batch(cfg, 3, 40, 2)
+  like = vlm_lib.dummy_batch(cfg.model, 3, 40, 2)
+  assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {k: (v.dtype, v.shape) for k, v in like.items()}
+  assert batch["pixel_values"].min() < 20 and batch["pixel_values"].max() > 235  # the full uint8 range
+  images = 2 * cfg.model.image_tokens_per_tile
+  assert (batch["input_ids"][:, :images] == cfg.model.image_token_id).all()
+  assert (batch["labels"][:, :images] == -100).all() and (batch["labels"][:, images:] >= 0).all()

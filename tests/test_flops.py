@@ -282,3 +282,26 @@ def test_moe_forward_matches_xla_plus_dispatch_work():
   ours = flops.forward_flops(cfg, B, S, N, causal_as_full=True)
   assert ours + d.num_layers * (dispatch_and_combine + empty_slots) == pytest.approx(xla, rel=0.03)
   assert xla > 1.5 * ours  # the hardware-only work is large here: the check would see it missing
+
+
+def test_kernel_flops_follow_the_kernels_own_rule():
+  """flops.py may not import model/kernels (LAYOUT.md), so it restates the splash kernel's block rule: the
+  decoder's attention counts in the kernel exactly where `kernels.tpu.supports` takes it (causal), and the
+  ViT's where it takes a bidirectional sequence of that many positions."""
+  from vlm_jax.model.kernels import tpu  # pylint: disable=import-outside-toplevel
+  tiny = config.load("shapes_tiny", TINY)
+  heads, kv, hd = tiny.model.decoder.num_heads, tiny.model.decoder.num_kv_heads, 8
+  for seq_len in (96, 128, 192, 200, 256, 384):
+    q, k = jnp.zeros((1, seq_len, heads, hd)), jnp.zeros((1, seq_len, kv, hd))
+    counted = flops.attention_kernel_flops(tiny, "instruct", 2, seq_len, 2) > 0
+    assert counted == tpu.supports(q, k, causal=True), seq_len
+  for size, patch in ((48, 8), (96, 8), (88, 8), (64, 4)):
+    cfg = config.load("shapes_tiny", TINY + [f"model.vision.image_size={size}", f"model.vision.patch_size={patch}",
+                                             "train.stages.instruct.trainable=('vision/.*',)"])
+    n = cfg.model.vision.num_positions
+    x = jnp.zeros((1, n, 4, 8))
+    vision = {m.name: m.flops for m in flops.matmuls(cfg, 2, 128, 1)}
+    ours = flops.attention_kernel_flops(cfg, "instruct", 2, 96, 1)  # 96: the decoder stays on XLA's attention
+    assert (ours > 0) == tpu.supports(x, x, causal=False), n
+    if ours:
+      assert ours == 3 * (vision["vision.attn.scores"] + vision["vision.attn.values"])

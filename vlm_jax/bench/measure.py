@@ -95,8 +95,9 @@ def peak_rss_mb() -> float:
 
 def train_batch(config: Config, batch_size: int, seq_len: int, num_tiles: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A training batch of the DESIGN.md contract: each row starts with its tiles' `<image>` ids, then random text,
-  all of it supervised except the image positions; random normal pixels, every tile slot real.
-  input_ids / labels / segment_ids / positions int32 [B, S], pixel_values f32 [B, N, H, W, 3], tile_mask [B, N]."""
+  all of it supervised except the image positions; random uint8 pixels (as the training loader ships them: the
+  step normalizes on the device), every tile slot real.
+  input_ids / labels / segment_ids / positions int32 [B, S], pixel_values uint8 [B, N, H, W, 3], tile_mask [B, N]."""
   m = config.model
   images = num_tiles * m.image_tokens_per_tile
   if images >= seq_len:
@@ -108,7 +109,7 @@ def train_batch(config: Config, batch_size: int, seq_len: int, num_tiles: int, s
   size, channels = m.vision.image_size, m.vision.num_channels
   return {"input_ids": ids, "labels": labels, "segment_ids": np.ones_like(ids),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy(),
-          "pixel_values": rng.standard_normal((batch_size, num_tiles, size, size, channels)).astype(np.float32),
+          "pixel_values": rng.integers(0, 256, (batch_size, num_tiles, size, size, channels), dtype=np.uint8),
           "tile_mask": np.ones((batch_size, num_tiles), bool)}
 
 
