@@ -15,12 +15,16 @@ TRACEBACK_ENV = "VLM_JAX_TRACEBACK"
 USER_ERRORS = (config_lib.InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def _add_set(p: argparse.ArgumentParser, help_text: str) -> None:
+  """--set KEY=VALUE ...: every value up to the next option; repeated flags add up (extend, not replace)."""
+  p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--config", required=required,
                  help="config name in configs/ (e.g. shapes_tiny) or a path to a .py file with get_config()")
-  p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                 help="overrides, e.g. train.stages.align.steps=100 model.decoder.num_layers=2 (--set takes every "
-                 "KEY=VALUE up to the next option, and may be repeated)")
+  _add_set(p, "overrides, e.g. train.stages.align.steps=100 model.decoder.num_layers=2 (--set takes every "
+           "KEY=VALUE up to the next option, and may be repeated)")
 
 
 def _load(args) -> config_lib.Config:
@@ -249,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("demo", help="the main job: prepare shapes_vqa, train all stages, evaluate, generate, export")
   p.add_argument("--config", default="shapes_tiny", help="config name in configs/ or a .py path (default: %(default)s)")
-  p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                 help="config overrides, e.g. train.stages.instruct.steps=400")
+  _add_set(p, "config overrides, e.g. train.stages.instruct.steps=400")
   p.add_argument("--workdir", default="runs/demo",
                  help="output dir; re-running resumes and skips finished stages (default: %(default)s)")
   p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test records")
@@ -297,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
   csub = p.add_subparsers(dest="config_command", required=True)
   q = csub.add_parser("show", help="print the resolved config (after --set overrides) as JSON")
   q.add_argument("config", help="config name or path")
-  q.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                 help="overrides; put --set after the name")
+  _add_set(q, "overrides; put --set after the name")
   q.set_defaults(fn=cmd_config_show)
 
   p = sub.add_parser("data", help="dataset tools: prepare, show")
@@ -307,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("name", help="shapes_vqa, shapes_vqa/CONFIG (e.g. shapes_vqa/tiny), llava_json (with --json) or "
                  "hf_parquet[/NAME] (with --parquet)")
   q.add_argument("--data-dir", required=True, help="TFDS data dir (local or gs://)")
-  q.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                 help="builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
+  _add_set(q, "builder options, e.g. num_train=20000 seed=0 (shapes_vqa)")
   q.add_argument("--json", default=None, help="llava_json: the LLaVA-format JSON file")
   q.add_argument("--image-dir", default=None, help="llava_json: folder the JSON's image paths are relative to")
   q.add_argument("--parquet", default=None, metavar="GLOB",
