@@ -21,9 +21,9 @@ from vlm_jax.model import lora, quantize, vlm
 from vlm_jax.sharding import make_mesh
 from vlm_jax.train import optimizer, run, step
 
-QLORA_RUN = ["train.stages.align.steps=4", "train.stages.instruct.steps=2", "train.stages.align.lora.rank=4",
-             "train.stages.align.lora.quantize_base=true", "train.stages.instruct.lora.rank=4",
-             "train.stages.instruct.lora.quantize_base=true"]
+QLORA_RUN = ["train.stages.align.steps=4", "train.stages.align.checkpoint_every=2", "train.stages.instruct.steps=2",
+             "train.stages.align.lora.rank=4", "train.stages.align.lora.quantize_base=true",
+             "train.stages.instruct.lora.rank=4", "train.stages.instruct.lora.quantize_base=true"]
 DECODER_KERNELS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate", "mlp/up", "mlp/down")
 
 

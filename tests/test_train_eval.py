@@ -19,7 +19,8 @@ def test_eval_every_logs_what_evaluate_returns_for_that_step(shapes_data_dir, tm
   (eval), 3 (log) and 4 (log + eval). Each eval's generated texts and scores equal vlm_jax.evaluate's on that
   step's checkpoint, and the two evals answered differently (the params moved)."""
   cfg = config_lib.load(CONFIG, [f"data.data_dir={shapes_data_dir}", "train.stages.instruct.log_every=3",
-                                 "train.stages.instruct.eval_every=2", "train.stages.instruct.eval_limit=3"])
+                                 "train.stages.instruct.eval_every=2", "train.stages.instruct.eval_limit=3",
+                                 "train.stages.instruct.checkpoint_every=2"])
   cfg = dataclasses.replace(cfg, train=config_lib.TrainConfig(stages=(cfg.train.stage("instruct"),)))
   texts, generate_batch = [], generate.Generator.generate
 

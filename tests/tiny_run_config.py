@@ -15,7 +15,7 @@ TINY = ["model.vision.image_size=16", "model.vision.width=16", "model.vision.dep
 def get_config() -> config_lib.Config:
   cfg = config_lib.load("shapes_tiny", TINY)
   common = dict(datasets=(("shapes_vqa/tiny", 1.0),), batch_size=8, warmup_steps=2, log_every=1,
-                checkpoint_every=2, max_to_keep=2, lr=1e-2)
+                checkpoint_every=5, max_to_keep=2, lr=1e-2)
   stages = (config_lib.StageConfig(name="align", steps=30, trainable=("projector/.*",), task="caption", **common),
             config_lib.StageConfig(name="instruct", steps=4, trainable=("decoder/.*",), task="conversation",
                                    **common))
