@@ -12,6 +12,21 @@ from etils import epath
 from vlm_jax.losses import IGNORE_ID
 
 
+def import_tensorboardx():
+  """tensorboardX, without the torch import its writer module makes only to accept torch tensors (1.5 s of every
+  training process's start; we log Python floats). A torch already imported stays."""
+  import sys  # pylint: disable=import-outside-toplevel
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel  (pulls in protobuf; process 0 only)
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
 def metrics_path(workdir: str | epath.PathLike, stage_name: str) -> epath.Path:
   return epath.Path(workdir) / stage_name / "metrics.jsonl"
 
@@ -50,9 +65,8 @@ class MetricsWriter:
     self.path = metrics_path(workdir, stage_name)
     self._tensorboard = None
     if self.enabled:
-      import tensorboardX  # pylint: disable=import-outside-toplevel  (pulls in protobuf; process 0 only)
       self.path.parent.mkdir(parents=True, exist_ok=True)
-      self._tensorboard = tensorboardX.SummaryWriter(str(epath.Path(workdir) / "tensorboard" / stage_name))
+      self._tensorboard = import_tensorboardx().SummaryWriter(str(epath.Path(workdir) / "tensorboard" / stage_name))
 
   def resume_from(self, step: int) -> None:
     if not self.enabled or not self.path.exists():
