@@ -1,11 +1,12 @@
 """LoRA (vlm_jax/model/lora.py): step 0 equals the base, merged = base + adapters, a LoRA stage leaves the base
 bit-identical with optimizer state for the adapters and the projector only, adapters handed on or merged between
-stages, exact resume after SIGKILL (align trains with LoRA dropout), adapter shardings on an 8-device mesh, the
-exports: merged and PEFT adapter give vlm_jax's logits and greedy tokens under transformers / peft, and the adapter
-imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the folded path, masks keyed
+stages, exact resume from a mid-stage checkpoint (align trains with LoRA dropout), adapter shardings on an
+8-device mesh, the exports: merged and PEFT adapter give vlm_jax's logits and greedy tokens under transformers /
+peft, and the adapter imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the folded path, masks keyed
 by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
 import dataclasses
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,7 @@ from fixtures_convert import (assert_logits_and_greedy_match_hf, build_llava, pr
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
 from fixtures_train import lm_batch, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec as P
-from test_resume import CONFIG, kill_then_restart, losses_by_step
+from test_resume import CONFIG, losses_by_step
 from transformers import AutoModelForImageTextToText
 
 from vlm_jax import checkpoint
@@ -141,14 +142,23 @@ def test_adapters_handed_on_unmerged_or_merged(lora_run):
   assert all(np.any(x) if p.endswith("lora_a") else not np.any(x) for p, x in factors)
 
 
-def test_lora_resume_after_sigkill_reproduces_every_loss(lora_run, shapes_data_dir, tmp_path):  # noqa: F811
-  _, reference_dir = lora_run
-  reference = losses_by_step(reference_dir, "align")
-  workdir = tmp_path / "killed"
-  kill_then_restart(workdir, shapes_data_dir, tmp_path, LORA_RUN)
-  got = losses_by_step(workdir, "align")
-  assert sorted(got) == sorted(reference) == list(range(1, 31))
-  assert max(abs(got[s] - reference[s]) for s in reference) <= 1e-6
+def test_lora_resume_from_a_mid_stage_checkpoint_reproduces_every_loss_and_param(lora_run, tmp_path, capsys):
+  """align's step-25 checkpoint (adapters, projector, Adam, data position), resumed in this process: steps 26-30
+  (dropout masks keyed by the step) give the same losses and bytes as the run that went straight through.
+  Resuming after a SIGKILL is test_resume's."""
+  cfg, reference_dir = lora_run
+  resumed = tmp_path / "resumed"
+  shutil.copytree(reference_dir, resumed)
+  align = checkpoint.stage_dir(resumed, "align")
+  (align / checkpoint.FINISHED).unlink()
+  shutil.rmtree(align / "30")
+  shutil.rmtree(checkpoint.stage_dir(resumed, "instruct"))
+  capsys.readouterr()
+  run.run(cfg, str(resumed), stage="align")
+  assert "[align] resumed from step 25." in capsys.readouterr().out
+  reference, got = losses_by_step(reference_dir, "align"), losses_by_step(resumed, "align")
+  assert sorted(got) == sorted(reference) == list(range(1, 31)) and got == reference
+  assert bytes_equal(finished_params(cfg, resumed, "align"), finished_params(cfg, reference_dir, "align"))
 
 
 def test_adapter_shardings_on_an_8_device_mesh():
