@@ -1,8 +1,11 @@
 """Shared by the training tests: overrides that shrink a config to a seconds-fast model (16 px images, one tile of 4
 `<image>` tokens, decoder width 32, vocab 64), a hand-made LM batch, and a reader of the TensorBoard events a run
 wrote."""
+import shutil
+
 import numpy as np
 
+from vlm_jax import checkpoint
 from vlm_jax import config as config_lib
 from vlm_jax import losses
 
@@ -35,6 +38,17 @@ def lm_batch(cfg, rows=8, seq=16, seed=0):
           "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
           "pixel_values": rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
           "tile_mask": np.ones((rows, 1), bool)}
+
+
+def rewound_copy(workdir, to, stage, drop_step, later=("instruct",)):
+  """A copy of `workdir` at `to` as if it had stopped before `stage` saved `drop_step`: that step's checkpoint,
+  the stage's FINISHED marker and the `later` stages gone. -> `to`."""
+  shutil.copytree(workdir, to)
+  (checkpoint.stage_dir(to, stage) / checkpoint.FINISHED).unlink()
+  shutil.rmtree(checkpoint.stage_dir(to, stage) / str(drop_step))
+  for name in later:
+    shutil.rmtree(checkpoint.stage_dir(to, name))
+  return to
 
 
 def tensorboard_events(directory):

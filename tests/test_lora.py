@@ -6,7 +6,6 @@ peft, and the adapter imports back; LoRA dropout: a hand-made reference with the
 by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
 import dataclasses
 import json
-import shutil
 
 import flax.linen as nn
 import jax
@@ -18,7 +17,7 @@ import torch
 from fixtures_convert import (assert_logits_and_greedy_match_hf, build_llava, prompt_and_pixels,  # noqa: F401
                               save_with_tokenizer, tokenizer_dir)
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
-from fixtures_train import lm_batch, tiny_config
+from fixtures_train import lm_batch, rewound_copy, tiny_config
 from jax.sharding import NamedSharding, PartitionSpec as P
 from test_resume import CONFIG, losses_by_step
 from transformers import AutoModelForImageTextToText
@@ -147,12 +146,7 @@ def test_lora_resume_from_a_mid_stage_checkpoint_reproduces_every_loss_and_param
   (dropout masks keyed by the step) give the same losses and bytes as the run that went straight through.
   Resuming after a SIGKILL is test_resume's."""
   cfg, reference_dir = lora_run
-  resumed = tmp_path / "resumed"
-  shutil.copytree(reference_dir, resumed)
-  align = checkpoint.stage_dir(resumed, "align")
-  (align / checkpoint.FINISHED).unlink()
-  shutil.rmtree(align / "30")
-  shutil.rmtree(checkpoint.stage_dir(resumed, "instruct"))
+  resumed = rewound_copy(reference_dir, tmp_path / "resumed", "align", 30)
   capsys.readouterr()
   run.run(cfg, str(resumed), stage="align")
   assert "[align] resumed from step 25." in capsys.readouterr().out

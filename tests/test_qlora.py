@@ -3,14 +3,13 @@ model's logits on its int8 base, and a two-stage run: the int8 kernels and their
 bit-identical to the quantized fresh init, only the adapters (and the projector) get optimizer state, a resume
 from a checkpoint reproduces the losses and the params, and a merge dequantizes."""
 import dataclasses
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from fixtures_data import shapes_data_dir  # noqa: F401  (fixture)
-from fixtures_train import lm_batch, tiny_config
+from fixtures_train import lm_batch, rewound_copy, tiny_config
 from test_resume import CONFIG, losses_by_step
 
 from vlm_jax import checkpoint
@@ -120,12 +119,7 @@ def test_resume_from_a_checkpoint_reproduces_losses_and_int8_params(qlora_run, t
   """Align's step-2 checkpoint (int8 kernels + scales + adapters + Adam) resumed to step 4: the same losses and
   bit-identical params as the run that went straight through."""
   cfg, workdir, _ = qlora_run
-  resumed = tmp_path / "resumed"
-  shutil.copytree(workdir, resumed)
-  align = checkpoint.stage_dir(resumed, "align")
-  (align / checkpoint.FINISHED).unlink()
-  shutil.rmtree(align / "4")
-  shutil.rmtree(checkpoint.stage_dir(resumed, "instruct"))
+  resumed = rewound_copy(workdir, tmp_path / "resumed", "align", 4)
   run.run(cfg, str(resumed), stage="align")
   want, got = losses_by_step(workdir, "align"), losses_by_step(resumed, "align")
   assert sorted(got) == [1, 2, 3, 4] and all(got[s] == want[s] for s in (3, 4)), (got, want)
