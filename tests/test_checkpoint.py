@@ -139,3 +139,21 @@ def test_final_params_handoff_and_init_from_resolution(tmp_path):
   assert checkpoint.resolve_init_from(str(tmp_path / "align")) == (str(tmp_path), "align")
   with pytest.raises(FileNotFoundError, match="neither a finished stage dir"):
     checkpoint.resolve_init_from(str(tmp_path / "instruct"))
+
+
+def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path):
+  """On CPU each replicated array is written whole by its first replica: no per-replica slices, whose
+  programs (one compile per slice shape) were most of a tiny run's first save. The bytes restore exactly."""
+  from jax._src import monitoring  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh(MeshConfig(data=8))
+  params = jax.device_put(toy_params(width=24), NamedSharding(mesh, P()))  # replicated over the 8 devices
+  traced = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **_: traced.append(event) if event == "/jax/core/compile/jaxpr_trace_duration" else None)
+  mngr = checkpoint.manager(tmp_path, STAGE)
+  assert checkpoint.save(mngr, 2, {"params": params}, force=True)
+  mngr.wait_until_finished()
+  assert traced == []
+  restored = checkpoint.restore(mngr, 2, abstract({"params": params}, lambda x: x.sharding))
+  for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
