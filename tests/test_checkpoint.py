@@ -141,16 +141,20 @@ def test_final_params_handoff_and_init_from_resolution(tmp_path):
     checkpoint.resolve_init_from(str(tmp_path / "instruct"))
 
 
-def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path):
+def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path, monkeypatch, caplog):
   """On CPU each replicated array is written whole by its first replica: no per-replica slices, whose
-  programs (one compile per slice shape) were most of a tiny run's first save. The bytes restore exactly."""
+  programs (one compile per slice shape) were most of a tiny run's first save. The bytes restore exactly, and
+  switching Orbax's handler logs nothing."""
   from jax._src import monitoring  # pylint: disable=import-outside-toplevel
   mesh = make_mesh(MeshConfig(data=8))
   params = jax.device_put(toy_params(width=24), NamedSharding(mesh, P()))  # replicated over the 8 devices
   traced = []
   monitoring.register_event_duration_secs_listener(
       lambda event, duration, **_: traced.append(event) if event == "/jax/core/compile/jaxpr_trace_duration" else None)
-  mngr = checkpoint.manager(tmp_path, STAGE)
+  monkeypatch.setattr(checkpoint, "_CPU_ARRAY_HANDLER", False)  # as in a fresh process
+  with caplog.at_level(logging.INFO, logger="absl"):
+    mngr = checkpoint.manager(tmp_path, STAGE)
+  assert not [r for r in caplog.records if "overriding" in r.getMessage()]
   assert checkpoint.save(mngr, 2, {"params": params}, force=True)
   mngr.wait_until_finished()
   assert traced == []

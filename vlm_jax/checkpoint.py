@@ -8,6 +8,7 @@ W/<stage>/FINISHED names that step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -102,13 +103,19 @@ def _handlers() -> dict[str, Any]:
   return {"state": ocp.StandardCheckpointHandler(), "data": DataHandler()}
 
 
+_CPU_ARRAY_HANDLER = False  # registered in this process
+
+
 def _plain_array_saves_on_cpu() -> None:
   """On CPU the devices share host memory: replica-parallel saving (each replica of a replicated array writes a
   slice of it) moves nothing faster there, and costs a compile per slice shape (4 s of a tiny run's first save).
   Accelerators keep Orbax's default."""
-  if jax.default_backend() == "cpu":
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
+  global _CPU_ARRAY_HANDLER
+  if jax.default_backend() == "cpu" and not _CPU_ARRAY_HANDLER:
+    with _quiet("overriding"):  # Orbax warns of every override, ours too
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                              override=True)
+    _CPU_ARRAY_HANDLER = True
 
 
 def manager(workdir: str | epath.PathLike, stage: StageConfig) -> ocp.CheckpointManager:
@@ -218,20 +225,31 @@ def final_params(workdir: str | epath.PathLike, stage_name: str, target: Any) ->
     return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
-class _QuietReadOnly(logging.Filter):
-  """Drops orbax's two warnings that a read-only manager is read-only (one per stage handoff, twice)."""
+class _Quiet(logging.Filter):
+  """Drops orbax's absl warnings that contain one of `phrases`."""
+
+  def __init__(self, *phrases: str):
+    super().__init__()
+    self.phrases = phrases
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not ("read only" in message or "read_only=True" in message)
+    return not any(p in message for p in self.phrases)
+
+
+@contextlib.contextmanager
+def _quiet(*phrases: str) -> Iterator[None]:
+  quiet, logger = _Quiet(*phrases), logging.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 def _reader(directory: epath.Path, handlers: dict[str, Any]) -> ocp.CheckpointManager:
-  """A read-only CheckpointManager of a stage directory (writes nothing, creates nothing)."""
-  quiet, logger = _QuietReadOnly(), logging.getLogger("absl")
-  logger.addFilter(quiet)
-  try:
+  """A read-only CheckpointManager of a stage directory (writes nothing, creates nothing). Orbax's two warnings
+  that it is read-only (one per stage handoff, twice) are dropped."""
+  with _quiet("read only", "read_only=True"):
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
                                  item_handlers=handlers)
-  finally:
-    logger.removeFilter(quiet)
