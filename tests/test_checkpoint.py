@@ -141,7 +141,7 @@ def test_final_params_handoff_and_init_from_resolution(tmp_path):
     checkpoint.resolve_init_from(str(tmp_path / "instruct"))
 
 
-def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path, monkeypatch, caplog):
+def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path, caplog):
   """On CPU each replicated array is written whole by its first replica: no per-replica slices, whose
   programs (one compile per slice shape) were most of a tiny run's first save. The bytes restore exactly, and
   switching Orbax's handler logs nothing."""
@@ -149,14 +149,19 @@ def test_saving_replicated_arrays_on_cpu_runs_no_jax_program(tmp_path, monkeypat
   mesh = make_mesh(MeshConfig(data=8))
   params = jax.device_put(toy_params(width=24), NamedSharding(mesh, P()))  # replicated over the 8 devices
   traced = []
-  monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **_: traced.append(event) if event == "/jax/core/compile/jaxpr_trace_duration" else None)
-  monkeypatch.setattr(checkpoint, "_CPU_ARRAY_HANDLER", False)  # as in a fresh process
+  def listener(event, duration, **_):  # pylint: disable=unused-argument
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traced.append(event)
+  checkpoint._plain_array_saves_on_cpu.cache_clear()  # pylint: disable=protected-access  (as in a fresh process)
   with caplog.at_level(logging.INFO, logger="absl"):
     mngr = checkpoint.manager(tmp_path, STAGE)
   assert not [r for r in caplog.records if "overriding" in r.getMessage()]
-  assert checkpoint.save(mngr, 2, {"params": params}, force=True)
-  mngr.wait_until_finished()
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    assert checkpoint.save(mngr, 2, {"params": params}, force=True)
+    mngr.wait_until_finished()
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
   assert traced == []
   restored = checkpoint.restore(mngr, 2, abstract({"params": params}, lambda x: x.sharding))
   for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):

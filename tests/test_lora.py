@@ -2,8 +2,8 @@
 bit-identical with optimizer state for the adapters and the projector only, adapters handed on or merged between
 stages, exact resume from a mid-stage checkpoint (align trains with LoRA dropout), adapter shardings on an
 8-device mesh, the exports: merged and PEFT adapter give vlm_jax's logits and greedy tokens under transformers /
-peft, and the adapter imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the folded path, masks keyed
-by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
+peft, and the adapter imports back; LoRA dropout: a hand-made reference with the same masks, rate 0 equals the
+folded path, masks keyed by the step (deterministic, resume-exact), and no RNG at all in a step without dropout."""
 import dataclasses
 import json
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -103,19 +104,15 @@ def _handlers() -> dict[str, Any]:
   return {"state": ocp.StandardCheckpointHandler(), "data": DataHandler()}
 
 
-_CPU_ARRAY_HANDLER = False  # registered in this process
-
-
+@functools.cache  # once per process
 def _plain_array_saves_on_cpu() -> None:
   """On CPU the devices share host memory: replica-parallel saving (each replica of a replicated array writes a
   slice of it) moves nothing faster there, and costs a compile per slice shape (4 s of a tiny run's first save).
   Accelerators keep Orbax's default."""
-  global _CPU_ARRAY_HANDLER
-  if jax.default_backend() == "cpu" and not _CPU_ARRAY_HANDLER:
+  if jax.default_backend() == "cpu":
     with _quiet("overriding"):  # Orbax warns of every override, ours too
       ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
                                               override=True)
-    _CPU_ARRAY_HANDLER = True
 
 
 def manager(workdir: str | epath.PathLike, stage: StageConfig) -> ocp.CheckpointManager:
